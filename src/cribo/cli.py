@@ -1,0 +1,194 @@
+"""The ``cribo`` command: train, demo, eval {nn,linear,finetune}, viz, export, presets."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, get_args, get_origin
+
+from cribo import distributed
+
+logger = logging.getLogger("cribo")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Log to stderr on rank 0 only (other ranks stay quiet unless something is wrong)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    handler.addFilter(distributed.RankZeroFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# train / demo
+# --------------------------------------------------------------------------------------------------------------
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--<field>`` flag per configuration field (the authors' names), plus preset/config/args-json/set."""
+    from cribo.config import field_index, preset_names
+
+    parser.add_argument("--preset", help=f"shipped configuration: {', '.join(preset_names())}")
+    parser.add_argument("--config", help="YAML file with config sections (same shape as the saved config.yaml)")
+    parser.add_argument("--args-json", help="replay an args JSON published with the authors' checkpoints")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="any override")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for name, (section, hint) in field_index().items():
+        group = groups.setdefault(section, parser.add_argument_group(f"{section} options"))
+        metavar = "|".join(map(str, get_args(hint))) if get_origin(hint) is typing.Literal else None
+        nargs = len(get_args(hint)) if get_origin(hint) is tuple else None
+        group.add_argument(f"--{name}", dest=f"cfg_{name}", nargs=nargs, metavar=metavar, default=None)
+
+
+def collect_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The config values given on the command line (flags and ``--set``), as strings for coercion."""
+    overrides: dict[str, Any] = {}
+    for key, value in vars(args).items():
+        if key.startswith("cfg_") and value is not None:
+            overrides[key[len("cfg_") :]] = value
+    for item in args.set:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected SECTION.FIELD=VALUE")
+        key, value = item.split("=", 1)
+        overrides[key.strip()] = value.strip()
+    return overrides
+
+
+def command_train(args: argparse.Namespace) -> int:
+    from cribo import config as config_lib
+    from cribo.train import train
+
+    distributed.init()
+    try:
+        cfg = config_lib.resolve(args.preset, args.config, args.args_json, collect_overrides(args))
+        result = train(cfg, progress_bar=not args.no_progress)
+    finally:
+        distributed.shutdown()
+    if distributed.is_main_process():
+        print(summary_text(result.output_dir, result.history, result.epoch, result.step))
+    return 0
+
+
+def summary_text(output_dir: Path, history: list[dict[str, float]], epoch: int, step: int) -> str:
+    """The end-of-run summary: where things are and how the loss terms moved."""
+    lines = [f"\nDone: epoch {epoch}, step {step}.", f"  checkpoint : {output_dir / 'checkpoint.pth'}"]
+    lines += [f"  log        : {output_dir / 'log.txt'}", f"  config     : {output_dir / 'config.yaml'}"]
+    if len(history) >= 2:
+        first, last = history[0], history[-1]
+        lines.append("\n  term                          first logged   last logged")
+        for key in ("loss", "d_loss", "s_loss", "nn_loss", "r_cnt", "bootstrap_centroid_ratio", "images_per_s"):
+            if key in first and key in last:
+                lines.append(f"  {key:<28}{first[key]:>14.4f}{last[key]:>14.4f}")
+    return "\n".join(lines)
+
+
+def command_demo(args: argparse.Namespace) -> int:
+    """Pretrain the tiny preset on the built-in scenes on CPU, then plot the curves."""
+    from cribo import config as config_lib
+    from cribo.train import train
+    from cribo.viz import plot_training_curves
+
+    overrides = collect_overrides(args)
+    overrides.setdefault("output_dir", "runs/demo")
+    cfg = config_lib.resolve(args.preset or "tiny-cpu", args.config, args.args_json, overrides)
+    print(
+        f"cribo demo: pretraining {cfg.model.arch} (patch {cfg.model.patch_size}, depth "
+        f"{cfg.model.depth or 'full'}) on the built-in synthetic scenes for {cfg.optim.epochs} epochs on "
+        f"{cfg.run.device}; output in {cfg.run.output_dir}"
+    )
+    result = train(cfg, progress_bar=not args.no_progress)
+    figure = plot_training_curves(result.history, result.output_dir / "training_curves.png")
+    print(summary_text(result.output_dir, result.history, result.epoch, result.step))
+    print(f"  curves     : {figure}")
+    return 0
+
+
+def command_presets(args: argparse.Namespace) -> int:
+    from cribo import config as config_lib
+
+    for name in config_lib.preset_names():
+        print(name)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# export
+# --------------------------------------------------------------------------------------------------------------
+
+
+def command_export(args: argparse.Namespace) -> int:
+    from cribo.models import export_backbone, load_backbone
+
+    backbone, info = load_backbone(args.checkpoint, which=args.which, allow_pickle=args.allow_pickle)
+    path = export_backbone(backbone, Path(args.output), arch=info.arch, patch_size=info.patch_size)
+    print(f"exported the {args.which} backbone of {args.checkpoint} ({info.arch}/{info.patch_size}) to {path}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cribo", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train_parser = commands.add_parser("train", help="pretrain a ViT with CrIBo (torchrun-ready, resumable)")
+    add_config_arguments(train_parser)
+    train_parser.set_defaults(func=command_train)
+
+    demo_parser = commands.add_parser("demo", help="pretrain the tiny-cpu preset on the built-in scenes")
+    add_config_arguments(demo_parser)
+    demo_parser.set_defaults(func=command_demo)
+
+    presets_parser = commands.add_parser("presets", help="list the shipped presets")
+    presets_parser.set_defaults(func=command_presets)
+
+    export_parser = commands.add_parser("export", help="write a checkpoint's backbone as safetensors (+ JSON)")
+    export_parser.add_argument("checkpoint", help="cribo or authors' checkpoint, or a DINO state dict")
+    export_parser.add_argument("output", help="destination .safetensors file")
+    export_parser.add_argument("--which", choices=["teacher", "student"], default="teacher")
+    export_parser.add_argument("--allow-pickle", action="store_true", help="trust a pickled checkpoint")
+    export_parser.set_defaults(func=command_export)
+
+    add_optional_commands(commands)
+    return parser
+
+
+def add_optional_commands(commands: Any) -> None:
+    """`eval` and `viz` sub-commands (their modules register their own flags)."""
+    from cribo.eval.cli_args import add_eval_parser
+
+    add_eval_parser(commands)
+    from cribo.viz import add_viz_parser
+
+    add_viz_parser(commands)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        code = args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"cribo {args.command}: error: {err}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print(f"cribo {args.command}: interrupted; checkpoint.pth holds the last saved state", file=sys.stderr)
+        code = 130
+    except RuntimeError as err:
+        if type(err).__name__ != "NonFiniteLossError":
+            raise
+        print(f"cribo {args.command}: {err}", file=sys.stderr)
+        code = 3
+    sys.exit(code)

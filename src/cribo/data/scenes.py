@@ -1,0 +1,444 @@
+"""Built-in synthetic scenes: seeded, procedurally drawn scene images with per-pixel class labels.
+
+Each image holds a few objects on a textured background. An object's class is its SHAPE (disc, square,
+triangle, star, ring, cross, ...); its size, rotation, position, colours and texture (flat, stripes,
+checkerboard, dots, noise, gradient) are drawn per instance independently of the class, and the background
+draws its texture from the same family, so neither colour nor texture nor position tells the class: only
+shape and structure (and hence context beyond one patch) do. Objects overlap; the mask shows the top one.
+
+Everything is generated lazily from ``(seed, split, index)``: no download, no cache, the same bytes on
+every call. Geometry and appearance use two independent random streams, so restricting ``textures`` (e.g.
+to ``("flat",)`` for a debugging view) keeps every object's class, position and outline.
+
+Axis letters: H image height, W image width (pixels), 3 RGB channels; h, w a sub-window of the image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, get_args
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["SHAPES", "TEXTURES", "Scene", "SceneObject", "SyntheticScenes"]
+
+logger = logging.getLogger(__name__)
+
+Split = Literal["train", "val"]
+Array = np.ndarray
+ShapeFn = Callable[[Array, Array, float], Array]
+
+BACKGROUND_NAME = "background"  # class 0, as in Pascal VOC
+# Texture scales (stripe period, checker cell, dot spacing, noise cell) are given at this reference image
+# size and scaled with the image, so a 224 px scene looks like a 96 px scene drawn finer.
+REFERENCE_SIZE = 96
+TEXTURE_SCALE_PX = (3.0, 12.0)  # pixel range of texture periods at REFERENCE_SIZE (our choice)
+PLACEMENT_TRIES = 12  # attempts to place one object before it is dropped (our choice)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Shapes: boolean membership in object coordinates (u, v) scaled so the shape's outer radius is about 1.
+# ``detail`` in [0, 1) is a per-instance draw that each shape maps to its own structural parameter.
+# --------------------------------------------------------------------------------------------------------
+def _disc(u: Array, v: Array, detail: float) -> Array:
+    return u * u + v * v <= 1.0
+
+
+def _square(u: Array, v: Array, detail: float) -> Array:
+    aspect = 0.75 + 0.25 * detail  # squares and mildly oblong rectangles
+    return (np.abs(u) <= 0.78) & (np.abs(v) <= 0.78 * aspect)
+
+
+def _triangle(u: Array, v: Array, detail: float) -> Array:
+    inside = np.ones(np.broadcast_shapes(u.shape, v.shape), dtype=bool)
+    for k in range(3):  # equilateral, circumradius 1, inradius 1/2
+        angle = np.pi / 2 + 2 * np.pi * k / 3
+        inside &= u * np.cos(angle) + v * np.sin(angle) <= 0.5
+    return inside
+
+
+def _star(u: Array, v: Array, detail: float) -> Array:
+    points, inner = 5, 0.38 + 0.12 * detail
+    sector = 2 * np.pi / points
+    phi = np.mod(np.arctan2(v, u), sector)
+    phi = np.minimum(phi, sector - phi)  # fold onto [0, sector/2]: outer vertex at 0, inner vertex at sector/2
+    r = np.sqrt(u * u + v * v)
+    x, y = r * np.cos(phi), r * np.sin(phi)
+    bx, by = inner * np.cos(sector / 2), inner * np.sin(sector / 2)
+    # Inside when on the origin's side of the edge from the outer vertex (1, 0) to the inner vertex (bx, by).
+    return (bx - 1.0) * y - by * (x - 1.0) >= 0.0
+
+
+def _ring(u: Array, v: Array, detail: float) -> Array:
+    inner = 0.45 + 0.2 * detail
+    r2 = u * u + v * v
+    return (r2 <= 1.0) & (r2 >= inner * inner)
+
+
+def _cross(u: Array, v: Array, detail: float) -> Array:
+    half_width = 0.22 + 0.12 * detail
+    au, av = np.abs(u), np.abs(v)
+    return ((au <= half_width) & (av <= 1.0)) | ((av <= half_width) & (au <= 1.0))
+
+
+def _crescent(u: Array, v: Array, detail: float) -> Array:
+    offset = 0.45 + 0.2 * detail
+    return (u * u + v * v <= 1.0) & ((u - offset) ** 2 + v * v > 0.85**2)
+
+
+def _bar(u: Array, v: Array, detail: float) -> Array:
+    return (np.abs(u) <= 1.0) & (np.abs(v) <= 0.22 + 0.1 * detail)
+
+
+# Class order = label order (class k + 1). The first six are the default classes.
+SHAPES: dict[str, ShapeFn] = {
+    "disc": _disc,
+    "square": _square,
+    "triangle": _triangle,
+    "star": _star,
+    "ring": _ring,
+    "cross": _cross,
+    "crescent": _crescent,
+    "bar": _bar,
+}
+DEFAULT_NUM_OBJECT_CLASSES = 6
+
+
+# --------------------------------------------------------------------------------------------------------
+# Textures: (h, w, 3) float colour fields on pixel coordinates x (1, w), y (h, 1).
+# --------------------------------------------------------------------------------------------------------
+def _rotated(x: Array, y: Array, angle: float) -> tuple[Array, Array]:
+    c, s = np.cos(angle), np.sin(angle)
+    return x * c + y * s, y * c - x * s
+
+
+def _mix(weight: Array, first: Array, second: Array) -> Array:
+    """Blend two colours (3,) with a weight field (h, w) in [0, 1] -> (h, w, 3)."""
+    return first + weight[..., None] * (second - first)
+
+
+def _value_noise(x: Array, y: Array, cell: float, rng: np.random.Generator) -> Array:
+    """Smooth noise in [0, 1]: random values on a grid of ``cell`` pixels, bilinearly interpolated."""
+    gx, gy = (x - x.min()) / cell, (y - y.min()) / cell
+    grid = rng.random((int(gy.max()) + 2, int(gx.max()) + 2))
+    ix, iy = gx.astype(np.intp), gy.astype(np.intp)
+    fx, fy = gx - ix, gy - iy
+    top = grid[iy, ix] * (1 - fx) + grid[iy, ix + 1] * fx
+    bottom = grid[iy + 1, ix] * (1 - fx) + grid[iy + 1, ix + 1] * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def _texture(kind: str, x: Array, y: Array, scale: float, rng: np.random.Generator) -> Array:
+    """Draw one texture of ``kind`` with random colours, angle, period and phase.
+
+    Args:
+        kind: one of ``TEXTURES``.
+        x: (1, w) pixel-centre x coordinates.
+        y: (h, 1) pixel-centre y coordinates.
+        scale: pixels per reference pixel (image_size / REFERENCE_SIZE).
+        rng: the appearance stream.
+
+    Returns:
+        (h, w, 3) float64 colours in [0, 255].
+    """
+    first, second = rng.uniform(0.0, 255.0, size=3), rng.uniform(0.0, 255.0, size=3)
+    angle = rng.uniform(0.0, 2 * np.pi)
+    period = max(2.0, scale * rng.uniform(*TEXTURE_SCALE_PX))
+    u, v = _rotated(x, y, angle)
+    shape = np.broadcast_shapes(x.shape, y.shape)
+    if kind == "flat":
+        return np.broadcast_to(first, (*shape, 3))
+    if kind == "stripes":
+        duty = rng.uniform(0.3, 0.7)
+        return _mix(np.mod(u / period + rng.random(), 1.0) < duty, first, second)
+    if kind == "checkerboard":
+        parity = (np.floor(u / period) + np.floor(v / period)) % 2
+        return _mix(parity, first, second)
+    if kind == "dots":
+        spacing, radius = 1.5 * period, rng.uniform(0.2, 0.4)
+        du, dv = np.mod(u / spacing, 1.0) - 0.5, np.mod(v / spacing, 1.0) - 0.5
+        return _mix(du * du + dv * dv <= radius * radius, first, second)
+    if kind == "noise":
+        return _mix(_value_noise(np.broadcast_to(x, shape), np.broadcast_to(y, shape), period, rng), first, second)
+    if kind == "gradient":
+        low, high = u.min(), u.max()
+        return _mix(np.broadcast_to((u - low) / max(high - low, 1e-6), shape), first, second)
+    raise ValueError(f"texture must be one of {TEXTURES}, got {kind!r}")
+
+
+TEXTURES: tuple[str, ...] = ("flat", "stripes", "checkerboard", "dots", "noise", "gradient")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Scenes
+# --------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SceneObject:
+    """One drawn object: its class (1..C), placement and texture.
+
+    Attributes:
+        class_index: label in the mask (1..C).
+        centre: (x, y) in pixels.
+        radius: outer radius in pixels.
+        angle: rotation in radians.
+        detail: per-instance structural parameter in [0, 1) (ring thickness, star depth, ...).
+        texture: texture name (set by the appearance stream; empty before).
+    """
+
+    class_index: int
+    centre: tuple[float, float]
+    radius: float
+    angle: float
+    detail: float
+    texture: str = ""
+
+
+@dataclass(frozen=True)
+class Scene:
+    """A generated scene with everything known about it.
+
+    Attributes:
+        image: (H, W, 3) uint8 RGB.
+        mask: (H, W) uint8 class labels, 0 = background.
+        instances: (H, W) int16, 0 = background, k = ``objects[k - 1]`` (drawing order, later on top).
+        objects: the placed objects in drawing order.
+        background_texture: texture name of the background.
+    """
+
+    image: Array
+    mask: Array
+    instances: Array
+    objects: tuple[SceneObject, ...]
+    background_texture: str
+
+
+def _split_key(split: str) -> int:
+    """A stable 64-bit integer for a split name (Python's ``hash`` is salted per process)."""
+    return int.from_bytes(hashlib.sha256(split.encode("utf-8")).digest()[:8], "little")
+
+
+def _bounding_window(centre: tuple[float, float], radius: float, size: int) -> tuple[slice, slice]:
+    cx, cy = centre
+    rows = slice(max(0, int(np.floor(cy - radius))), min(size, int(np.ceil(cy + radius)) + 1))
+    cols = slice(max(0, int(np.floor(cx - radius))), min(size, int(np.ceil(cx + radius)) + 1))
+    return rows, cols
+
+
+def _shape_window(obj: SceneObject, shape_fn: ShapeFn, coords: Array, size: int) -> tuple[tuple[slice, slice], Array]:
+    """Rasterise one object: its bounding window and the (h, w) boolean membership inside it."""
+    rows, cols = _bounding_window(obj.centre, obj.radius, size)
+    x = coords[None, cols] - obj.centre[0]
+    y = coords[rows, None] - obj.centre[1]
+    u, v = _rotated(x, y, obj.angle)
+    return (rows, cols), shape_fn(u / obj.radius, v / obj.radius, obj.detail)
+
+
+def _check_range(name: str, value: tuple[float, float], low: float, high: float) -> tuple[float, float]:
+    if len(value) != 2 or not low <= value[0] <= value[1] <= high:
+        raise ValueError(f"{name} must be a pair (min, max) with {low} <= min <= max <= {high}, got {value!r}")
+    return (value[0], value[1])
+
+
+class SyntheticScenes:
+    """Procedural scene-centric images with per-pixel labels, deterministic from (seed, split, index).
+
+    Args:
+        split: "train" or "val"; the splits draw from disjoint seeds.
+        num_images: dataset length (>= 0); images are generated on access.
+        image_size: side of the square images in pixels (>= 16).
+        seed: base seed (>= 0).
+        num_object_classes: number of shape classes, the first ones of ``SHAPES`` (1..len(SHAPES)).
+        objects_per_image: inclusive range of objects attempted per image.
+        object_size: range of the object outer radius as a fraction of ``image_size``.
+        textures: texture family used for both objects and background (subset of ``TEXTURES``).
+        max_occlusion: largest fraction of an object's area that later objects may cover (0..1).
+        pixel_noise: standard deviation of Gaussian noise added to every pixel (0..255 scale).
+    """
+
+    def __init__(
+        self,
+        split: Split,
+        num_images: int,
+        image_size: int = 96,
+        seed: int = 0,
+        *,
+        num_object_classes: int = DEFAULT_NUM_OBJECT_CLASSES,
+        objects_per_image: tuple[int, int] = (3, 5),
+        object_size: tuple[float, float] = (0.12, 0.26),
+        textures: Sequence[str] = TEXTURES,
+        max_occlusion: float = 0.4,
+        pixel_noise: float = 3.0,
+    ) -> None:
+        if split not in get_args(Split):
+            raise ValueError(f"split must be one of {get_args(Split)}, got {split!r}")
+        if num_images < 0:
+            raise ValueError(f"num_images must be >= 0, got {num_images}")
+        if image_size < 16:
+            raise ValueError(f"image_size must be >= 16, got {image_size}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        if not 1 <= num_object_classes <= len(SHAPES):
+            raise ValueError(f"num_object_classes must be in 1..{len(SHAPES)}, got {num_object_classes}")
+        if not 0 < len(objects_per_image) == 2 or not 1 <= objects_per_image[0] <= objects_per_image[1]:
+            raise ValueError(
+                f"objects_per_image must be a pair (min, max) with 1 <= min <= max, got {objects_per_image}"
+            )
+        unknown = [t for t in textures if t not in TEXTURES]
+        if not textures or unknown:
+            raise ValueError(f"textures must be a non-empty subset of {TEXTURES}, got {tuple(textures)!r}")
+        if not 0.0 <= max_occlusion <= 1.0:
+            raise ValueError(f"max_occlusion must be in [0, 1], got {max_occlusion}")
+        if pixel_noise < 0:
+            raise ValueError(f"pixel_noise must be >= 0, got {pixel_noise}")
+        self.split: Split = split
+        self.num_images = int(num_images)
+        self.image_size = int(image_size)
+        self.seed = int(seed)
+        self.shape_names: tuple[str, ...] = tuple(SHAPES)[:num_object_classes]
+        self.objects_per_image = (int(objects_per_image[0]), int(objects_per_image[1]))
+        self.object_size = _check_range("object_size", object_size, 1.0 / image_size, 1.0)
+        self.textures = tuple(textures)
+        self.max_occlusion = float(max_occlusion)
+        self.pixel_noise = float(pixel_noise)
+        centres = np.arange(self.image_size, dtype=np.float64) + 0.5
+        self._coords = centres  # pixel-centre coordinates, shared by x and y
+
+    # ---- dataset protocol ------------------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        """Number of labels including background (class 0)."""
+        return len(self.shape_names) + 1
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """Label names, index = class value in the mask."""
+        return (BACKGROUND_NAME, *self.shape_names)
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, Array]:
+        """Return (RGB PIL image, (H, W) uint8 mask) of scene ``index``."""
+        scene = self.scene(index)
+        return Image.fromarray(scene.image), scene.mask
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(split={self.split!r}, num_images={self.num_images}, "
+            f"image_size={self.image_size}, seed={self.seed}, classes={list(self.class_names)}, "
+            f"objects_per_image={self.objects_per_image}, object_size={self.object_size}, "
+            f"textures={list(self.textures)}, max_occlusion={self.max_occlusion}, pixel_noise={self.pixel_noise})"
+        )
+
+    def stem(self, index: int) -> str:
+        """File stem of scene ``index`` in ``write_to_disk``."""
+        return f"{self.split}_{self._check_index(index):06d}"
+
+    # ---- generation ------------------------------------------------------------------------------------
+    def scene(self, index: int) -> Scene:
+        """Generate scene ``index`` with its instance map and object list (a superset of ``__getitem__``)."""
+        index = self._check_index(index)
+        root = np.random.SeedSequence([self.seed, _split_key(self.split), index])
+        geometry_seed, appearance_seed = root.spawn(2)
+        objects, instances = self._place_objects(np.random.default_rng(geometry_seed))
+        appearance = np.random.default_rng(appearance_seed)
+        image, objects, background = self._paint(objects, instances, appearance)
+        lookup = np.array([0, *(o.class_index for o in objects)], dtype=np.uint8)
+        return Scene(image, lookup[instances], instances, objects, background)
+
+    def _check_index(self, index: int) -> int:
+        if not isinstance(index, (int, np.integer)) or isinstance(index, bool):
+            raise TypeError(f"index must be an int, got {type(index).__name__}")
+        if not -self.num_images <= index < self.num_images:
+            raise IndexError(f"index {index} out of range for {self.num_images} images")
+        return int(index) % self.num_images
+
+    def _sample_object(self, rng: np.random.Generator) -> SceneObject:
+        size = self.image_size
+        radius = size * rng.uniform(*self.object_size)
+        margin = 0.6 * radius  # centres keep most of the object inside the frame
+        low, high = min(margin, size / 2), max(size - margin, size / 2)
+        return SceneObject(
+            class_index=int(rng.integers(1, self.num_classes)),
+            centre=(float(rng.uniform(low, high)), float(rng.uniform(low, high))),
+            radius=float(radius),
+            angle=float(rng.uniform(0.0, 2 * np.pi)),
+            detail=float(rng.random()),
+        )
+
+    def _place_objects(self, rng: np.random.Generator) -> tuple[tuple[SceneObject, ...], Array]:
+        """Drop objects one on top of the other, rejecting placements that hide too much of earlier ones.
+
+        Returns:
+            The placed objects and the (H, W) int16 instance map (0 background, k = k-th placed object).
+        """
+        size = self.image_size
+        instances = np.zeros((size, size), dtype=np.int16)
+        full_area: list[int] = [0]  # per instance id, its area when it was drawn (id 0 unused)
+        placed: list[SceneObject] = []
+        for _ in range(int(rng.integers(self.objects_per_image[0], self.objects_per_image[1] + 1))):
+            for _ in range(PLACEMENT_TRIES):
+                obj = self._sample_object(rng)
+                window, inside = _shape_window(obj, SHAPES[self.shape_names[obj.class_index - 1]], self._coords, size)
+                area = int(inside.sum())
+                visible = np.bincount(instances.ravel(), minlength=len(full_area))
+                hidden = np.bincount(instances[window][inside], minlength=len(full_area))
+                remaining = visible[1:] - hidden[1:]
+                if np.any(remaining < (1.0 - self.max_occlusion) * np.asarray(full_area[1:])):
+                    continue
+                instances[window][inside] = len(full_area)
+                full_area.append(area)
+                placed.append(obj)
+                break
+        return tuple(placed), instances
+
+    def _paint(
+        self, objects: tuple[SceneObject, ...], instances: Array, rng: np.random.Generator
+    ) -> tuple[Array, tuple[SceneObject, ...], str]:
+        """Texture the background and every visible object; add pixel noise; return uint8 (H, W, 3)."""
+        size = self.image_size
+        scale = size / REFERENCE_SIZE
+        x, y = self._coords[None, :], self._coords[:, None]
+        background = self.textures[int(rng.integers(len(self.textures)))]
+        image = np.array(_texture(background, x, y, scale, rng), dtype=np.float64)
+        painted: list[SceneObject] = []
+        for instance_id, obj in enumerate(objects, start=1):
+            kind = self.textures[int(rng.integers(len(self.textures)))]
+            rows, cols = _bounding_window(obj.centre, obj.radius, size)
+            colours = _texture(kind, x[:, cols], y[rows, :], scale, rng)
+            visible = instances[rows, cols] == instance_id
+            image[rows, cols][visible] = colours[visible]
+            painted.append(SceneObject(obj.class_index, obj.centre, obj.radius, obj.angle, obj.detail, kind))
+        if self.pixel_noise > 0:
+            image += rng.normal(0.0, self.pixel_noise, size=image.shape)
+        return np.clip(np.rint(image), 0, 255).astype(np.uint8), tuple(painted), background
+
+    # ---- export ----------------------------------------------------------------------------------------
+    def write_to_disk(self, root: str | Path) -> Path:
+        """Write every scene as ``root/images/<stem>.png`` and its mask as ``root/masks/<stem>.png``.
+
+        Masks are 8-bit grayscale ('L') PNGs holding the class index (the generic images/ + masks/ layout
+        of the evaluation suite); ``root/class_names.txt`` lists the class names, one per line, in label order.
+
+        Args:
+            root: output folder (created if needed; existing files with the same names are overwritten).
+
+        Returns:
+            ``root`` as a Path.
+        """
+        root = Path(root)
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        (root / "masks").mkdir(parents=True, exist_ok=True)
+        for index in range(self.num_images):
+            image, mask = self[index]
+            stem = self.stem(index)
+            image.save(root / "images" / f"{stem}.png")
+            Image.fromarray(mask).save(root / "masks" / f"{stem}.png")
+        (root / "class_names.txt").write_text("\n".join(self.class_names) + "\n", encoding="utf-8")
+        logger.info("wrote %d synthetic %s scenes to %s", self.num_images, self.split, root)
+        return root
