@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+import multiprocessing
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_fixture
+import torch.distributed as dist
 
+from conftest import load_fixture
 from cribo import losses
 from cribo.losses import (
     Center,
@@ -110,8 +113,11 @@ def test_soft_cross_entropy_and_sharpen_by_hand() -> None:
     logits = torch.tensor([[0.0, math.log(3.0)]])  # log_softmax = [log 1/4, log 3/4]
     expected = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
     torch.testing.assert_close(soft_cross_entropy(probs, logits), torch.tensor([expected]))
+    # ((t - c) / 0.5) = [0, 2 + ln 3] -> softmax = [1, 3 e^2] / (1 + 3 e^2)
     sharpened = sharpen(torch.tensor([[1.0, 1.0 + math.log(3.0) * 0.5]]), torch.tensor([[1.0, 0.0]]), 0.5)
-    torch.testing.assert_close(sharpened, torch.tensor([[1 / (1 + 3 * math.e), 3 * math.e / (1 + 3 * math.e)]]))
+    torch.testing.assert_close(
+        sharpened, torch.tensor([[1 / (1 + 3 * math.e**2), 3 * math.e**2 / (1 + 3 * math.e**2)]])
+    )
     with pytest.raises(ValueError, match="temperature"):
         sharpen(probs, torch.zeros(1, 2), 0.0)
 
@@ -144,12 +150,12 @@ def test_cross_image_empty_masks() -> None:
     targets, student = _cross_image_case()
     student.requires_grad_(True)
     only_view2 = torch.tensor([[False, False, False], [True, False, True]])
-    ln4 = math.log(4.0)
-    torch.testing.assert_close(cross_image_loss(targets, student, only_view2, "per_view"), torch.tensor(ln4 / 2))
+    term2 = (math.log(4.0 / 3.0) + math.log(4.0)) / 2  # rows 0 and 2 of view 2: class-1 and class-0 targets
+    torch.testing.assert_close(cross_image_loss(targets, student, only_view2, "per_view"), torch.tensor(term2 / 2))
     assert cross_image_loss(targets, student, only_view2, "view1").item() == 0.0  # authors: 0 when mask 1 is empty
     nothing = torch.zeros(2, 3, dtype=torch.bool)
     for mode in ("per_view", "view1"):
-        loss = cross_image_loss(targets, student, nothing, mode)  # type: ignore[arg-type]
+        loss = cross_image_loss(targets, student, nothing, mode)
         assert loss.item() == 0.0
         (grad,) = torch.autograd.grad(loss, student)
         assert torch.equal(grad, torch.zeros_like(student))
@@ -260,3 +266,37 @@ def test_center_weights_ragged_processes_by_rows(monkeypatch: pytest.MonkeyPatch
     center = Center(2, momentum=0.5)
     center.update(rows_rank0)
     torch.testing.assert_close(center.center, 0.5 * torch.tensor([[1.0, 2.0]]))
+
+
+def _center_worker(rank: int, store_path: str, rows: torch.Tensor, results: multiprocessing.SimpleQueue) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
+    try:
+        center = Center(rows.shape[1], momentum=0.5)
+        center.update(rows)
+        results.put((rank, center.center.tolist()))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="uses fork to start a 2-process gloo group quickly")
+def test_center_two_process_gloo_equals_single_process(tmp_path: Path) -> None:
+    """A real 2-process gloo group with ragged rows (3 and 1) gives the single-process centre of all 4 rows."""
+    generator = torch.Generator().manual_seed(0)
+    all_rows = torch.randn(4, 5, generator=generator)
+    per_rank = [all_rows[:3], all_rows[3:]]
+    context = multiprocessing.get_context("fork")  # spawn would re-import torch (~10 s); tiny ops are fork-safe
+    results = context.SimpleQueue()
+    store = str(tmp_path / "store")
+    workers = [context.Process(target=_center_worker, args=(r, store, per_rank[r], results)) for r in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+        if worker.is_alive():
+            worker.kill()
+    assert all(worker.exitcode == 0 for worker in workers), [worker.exitcode for worker in workers]
+    single = Center(5, momentum=0.5)
+    single.update(all_rows)
+    for _ in range(2):
+        _, value = results.get()
+        torch.testing.assert_close(torch.tensor(value), single.center)

@@ -18,6 +18,7 @@ spatial term is a scatter-min over the cluster index of each token, never a ``(B
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -371,11 +372,18 @@ def joint_space_clustering(
     :func:`sinkhorn_knopp` with token marginal ``1/T`` and the current cluster marginal (``1/K`` at first),
     takes the hard assignment, updates the marginal (counts + 0.01, normalised) and the centroids.
 
-    Edge cases: fewer tokens than clusters raises ValueError; all-identical tokens or positions give a constant
-    term that is scaled to 0 (no NaN; ties go to the lowest cluster index); a batch of one image works; a
-    cluster present in one view only is kept here and dropped by :func:`valid_objects`. float16/bfloat16 inputs
-    are computed and returned in float32 (float64 stays float64). Ties in the row maximum, which the authors'
-    ``P == rowmax`` would turn into several ones, go to the first cluster here.
+    Edge cases:
+
+    * ``num_clusters`` greater than the token count T raises ValueError (the authors crash); K == T works.
+    * All-identical tokens and/or positions: a constant term is scaled to 0 instead of 0/0, so there is no NaN;
+      identical plan rows give every token the same cluster (ties go to the lowest cluster index).
+    * A cluster present in one view only is kept here (its other-view column is all zero) and dropped by
+      :func:`valid_objects`.
+    * A batch of one image works (the authors' ``squeeze`` crashes).
+    * float16/bfloat16 inputs are computed and returned in float32 (float64 stays float64), with autocast
+      switched off inside.
+    * Exact ties in a plan row, which the authors' ``P == rowmax`` would turn into several ones, go to the
+      first cluster.
 
     Args:
         tokens: (B, T, D) tokens, T = 2N (view 1 then view 2); L2-normalised inside.
@@ -388,7 +396,8 @@ def joint_space_clustering(
         update_marginals: update the cluster marginal from the counts (authors' ``update_c``, True).
         cost_normalization: "image" (paper, default) or "batch" (authors) min-max scaling of the cost.
         init_index: (B, K) int64 distinct seed-token indices per image; drawn with ``generator`` when None.
-        generator: random generator for the seeds (the global one when None).
+        generator: random generator for the seeds (the global one when None); the seeds are drawn on its
+            device and moved to the tokens' device.
 
     Returns:
         :class:`ClusteringResult` with the per-view normalised assignment, the cluster of each token and the
@@ -398,27 +407,51 @@ def joint_space_clustering(
     if num_rounds < 1:
         raise ValueError(f"num_rounds must be >= 1, got {num_rounds}")
     batch, num_tokens, _ = tokens.shape
-    dtype = torch.promote_types(tokens.dtype, torch.float32)
     if init_index is None:
-        init_index = draw_seeds(batch, num_tokens, num_clusters, generator=generator, device=tokens.device)
-    members = _initial_members(init_index, batch, num_tokens, num_clusters)
+        # Seeds are drawn where the generator lives, so a CPU generator gives the same seeds on any device.
+        where = generator.device if generator is not None else tokens.device
+        init_index = draw_seeds(batch, num_tokens, num_clusters, generator=generator, device=where)
+    init_index = init_index.to(tokens.device)
+    with _full_precision(tokens.device):
+        features, masked, members, centroids = _initial_state(tokens, positions, init_index)
+        row_marginal = features.new_ones(batch, num_tokens, 1) / num_tokens
+        col_marginal = features.new_ones(batch, 1, num_clusters) / num_clusters
+        for _ in range(num_rounds):
+            spatial = _fill_and_scale(_nearest_nonzero_member(masked, members, num_clusters))
+            cost = clustering_cost(features, centroids, spatial, pos_alpha, cost_normalization)
+            plan, transport_cost = sinkhorn_knopp(
+                cost, row_marginal, col_marginal, sinkhorn_lambda, sinkhorn_iterations
+            )
+            members = hard_assignment(plan)
+            if update_marginals:
+                col_marginal = cluster_marginals(members, num_clusters, features.dtype)
+            centroids = update_centroids(features, members, num_clusters)
+        assignment = normalize_per_view(members, num_clusters, features.dtype)
+    return ClusteringResult(assignment=assignment, cluster_of_token=members, cost=transport_cost)
+
+
+def _full_precision(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """Switch autocast off on ``device`` (where it exists) so the clustering runs in the inputs' float dtype."""
+    is_available = getattr(torch.amp, "is_autocast_available", None)  # torch >= 2.4
+    if is_available is None or is_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _initial_state(tokens: Tensor, positions: Tensor, init_index: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Normalised float features (B, T, D), masked distances (B, T, T), start members (B, T), seeds (B, K, D).
+
+    Half-precision inputs are upcast to float32. Distances do not change between rounds: they are computed once
+    and their zeros set to +inf in place, which saves a (B, T, T) copy per round.
+    """
+    batch, num_tokens, dim = tokens.shape
+    dtype = torch.promote_types(tokens.dtype, torch.float32)
+    members = _initial_members(init_index, batch, num_tokens, init_index.shape[1])
     features = F.normalize(tokens.to(dtype), dim=-1)
-    centroids = torch.gather(features, 1, init_index.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
-    # Distances do not change between rounds; their zeros are masked once, in place, to save a (B, T, T) copy.
+    centroids = torch.gather(features, 1, init_index.unsqueeze(-1).expand(-1, -1, dim))
     masked = pairwise_distances(positions.to(dtype))
     masked.masked_fill_(masked == 0, math.inf)
-    row_marginal = features.new_ones(batch, num_tokens, 1) / num_tokens
-    col_marginal = features.new_ones(batch, 1, num_clusters) / num_clusters
-    for _ in range(num_rounds):
-        spatial = _fill_and_scale(_nearest_nonzero_member(masked, members, num_clusters))
-        cost = clustering_cost(features, centroids, spatial, pos_alpha, cost_normalization)
-        plan, transport_cost = sinkhorn_knopp(cost, row_marginal, col_marginal, sinkhorn_lambda, sinkhorn_iterations)
-        members = hard_assignment(plan)
-        if update_marginals:
-            col_marginal = cluster_marginals(members, num_clusters, dtype)
-        centroids = update_centroids(features, members, num_clusters)
-    assignment = normalize_per_view(members, num_clusters, dtype)
-    return ClusteringResult(assignment=assignment, cluster_of_token=members, cost=transport_cost)
+    return features, masked, members, centroids
 
 
 def pool_objects(tokens: Tensor, assignment: Tensor) -> Tensor:
@@ -442,7 +475,8 @@ def pool_objects(tokens: Tensor, assignment: Tensor) -> Tensor:
         raise ValueError(f"tokens must hold T = 2N tokens (view 1 then view 2); got an odd T = {num_tokens}")
     per_view_tokens = tokens.reshape(batch, NUM_VIEWS, num_tokens // NUM_VIEWS, dim)
     per_view_assignment = assignment.reshape(batch, NUM_VIEWS, num_tokens // NUM_VIEWS, assignment.shape[-1])
-    return torch.matmul(per_view_assignment.transpose(-1, -2), per_view_tokens.to(per_view_assignment.dtype))
+    dtype = torch.promote_types(tokens.dtype, assignment.dtype)
+    return torch.matmul(per_view_assignment.transpose(-1, -2).to(dtype), per_view_tokens.to(dtype))
 
 
 def valid_objects(assignment: Tensor) -> Tensor:

@@ -11,10 +11,8 @@ weights bit for bit on CPU.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
-import math
 import resource
 import time
 from collections.abc import Iterator
@@ -678,10 +676,16 @@ class TrainResult:
 
 def train(config: TrainConfig, progress_bar: bool = True) -> TrainResult:
     """Pretrain with CrIBo; resumes automatically from ``output_dir/checkpoint.pth`` when present."""
-    output_dir = Path(config.run.output_dir)
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
     trainer = build_trainer(config)
+    return fit(trainer, progress_bar=progress_bar)
+
+
+def fit(trainer: Trainer, progress_bar: bool = True) -> TrainResult:
+    """Run (or resume) the loop of a built trainer until ``epochs`` (or ``max_steps``) is reached."""
+    config = trainer.config
+    output_dir = Path(config.run.output_dir)
     ckpt_path = output_dir / checkpoint.CHECKPOINT_NAME
     if ckpt_path.is_file():
         load_state(trainer, checkpoint.load(ckpt_path))
@@ -689,6 +693,7 @@ def train(config: TrainConfig, progress_bar: bool = True) -> TrainResult:
     if distributed.is_main_process():
         output_dir.mkdir(parents=True, exist_ok=True)
         config_lib.save(config, output_dir / "config.yaml")
+    distributed.barrier()
     total = config.optim.epochs * trainer.iters_per_epoch
     stop_at = min(total, config.run.max_steps) if config.run.max_steps else total
     progress = make_progress(trainer.step, stop_at) if progress_bar and distributed.is_main_process() else None
@@ -712,13 +717,3 @@ def make_progress(start: int, total: int) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, desc="cribo train")
-
-
-def epoch_of(step: int, iters_per_epoch: int) -> int:
-    """The epoch a global step belongs to."""
-    return math.floor(step / iters_per_epoch)
-
-
-def copy_network(network: CrIBoNetwork) -> CrIBoNetwork:
-    """A detached deep copy (used by tests and export)."""
-    return copy.deepcopy(network)

@@ -284,7 +284,7 @@ class SyntheticScenes:
             raise ValueError(f"seed must be >= 0, got {seed}")
         if not 1 <= num_object_classes <= len(SHAPES):
             raise ValueError(f"num_object_classes must be in 1..{len(SHAPES)}, got {num_object_classes}")
-        if not 0 < len(objects_per_image) == 2 or not 1 <= objects_per_image[0] <= objects_per_image[1]:
+        if len(objects_per_image) != 2 or not 1 <= objects_per_image[0] <= objects_per_image[1]:
             raise ValueError(
                 f"objects_per_image must be a pair (min, max) with 1 <= min <= max, got {objects_per_image}"
             )

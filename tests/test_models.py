@@ -1,0 +1,538 @@
+"""Tests of cribo.models: parity with the authors' ViT and head (backbone.pt + their checkpoint), loaders."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import types
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from timm.models import checkpoint_seq
+from torch import Tensor, nn
+
+from cribo import models
+from cribo.models import (
+    SHORT_ARCHS,
+    CrIBoNetwork,
+    ProjectionHead,
+    backbone_tokens,
+    create_backbone,
+    export_backbone,
+    interpolate_position_embedding,
+    load_backbone,
+    load_network_state,
+    resolve_arch,
+    set_fused_attention,
+)
+
+ATOL = 1e-5
+RTOL = 1e-5
+CHECKPOINT = "checkpoint_vit_tiny.pth"
+WHICH = ("teacher", "student")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fixtures: the reference files are read once per module
+
+
+@pytest.fixture(scope="module")
+def fixture(reference: Path) -> dict[str, Any]:
+    return torch.load(reference / "backbone.pt", weights_only=True, map_location="cpu")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(reference: Path) -> dict[str, Any]:
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(reference / CHECKPOINT, weights_only=True, map_location="cpu")
+
+
+@pytest.fixture(scope="module")
+def networks(fixture: dict[str, Any], checkpoint: dict[str, Any]) -> dict[str, CrIBoNetwork]:
+    """The authors' teacher and student: architecture from backbone.pt, head sizes and flags from the checkpoint.
+
+    Built on the meta device (every tensor is then loaded, so a random init would be wasted time).
+    """
+    shapes = fixture["teacher_state_dict_shapes"]
+    out_dim, bottleneck_dim = shapes["head.last_layer.weight_v"]
+    built = {}
+    for which, norm_last_layer in zip(WHICH, (True, checkpoint["args"].norm_last_layer)):
+        with torch.device("meta"):
+            backbone = create_backbone(fixture["arch"], fixture["patch_size"])
+            head = ProjectionHead(
+                fixture["embed_dim"],
+                out_dim,
+                shapes["head.last_layer_c.weight_v"][0],
+                hidden_dim=shapes["head.mlp.0.weight"][0],
+                bottleneck_dim=bottleneck_dim,
+                norm_last_layer=norm_last_layer,
+            )
+        network = CrIBoNetwork(backbone, head).to_empty(device="cpu").eval()
+        load_network_state(network, checkpoint[which])
+        built[which] = network
+    return built
+
+
+@pytest.fixture(scope="module")
+def network(networks: dict[str, CrIBoNetwork]) -> CrIBoNetwork:
+    """The teacher (tests must not change its weights)."""
+    return networks["teacher"]
+
+
+@pytest.fixture(scope="module")
+def backbone_state(checkpoint: dict[str, Any]) -> dict[str, Tensor]:
+    """The checkpoint teacher's backbone tensors under timm's names."""
+    prefix = "backbone."
+    return {k[len(prefix) :]: v for k, v in checkpoint["teacher"].items() if k.startswith(prefix)}
+
+
+@pytest.fixture
+def fused_restored(networks: dict[str, CrIBoNetwork]) -> Iterator[dict[str, CrIBoNetwork]]:
+    yield networks
+    for network in networks.values():
+        set_fused_attention(network, True)
+
+
+def _grid(fixture: dict[str, Any]) -> tuple[int, int]:
+    height, width = fixture["input"].shape[-2:]
+    return height // fixture["patch_size"], width // fixture["patch_size"]
+
+
+def _assert_state_equal(module: nn.Module, expected: dict[str, Tensor]) -> None:
+    state = module.state_dict()
+    assert set(state) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(state[key], value), key
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parity with the authors' network
+
+
+@pytest.mark.parametrize("which", WHICH)
+def test_state_dict_keys_and_shapes_match_authors(
+    networks: dict[str, CrIBoNetwork], fixture: dict[str, Any], checkpoint: dict[str, Any], which: str
+) -> None:
+    prefix = "module." if which == "student" else ""
+    ours = {prefix + key: list(value.shape) for key, value in networks[which].state_dict().items()}
+    assert ours == fixture[f"{which}_state_dict_shapes"]
+    assert {k: list(v.shape) for k, v in checkpoint[which].items()} == ours
+
+
+def test_patch_embedding_matches_reference(network: CrIBoNetwork, fixture: dict[str, Any]) -> None:
+    with torch.no_grad():
+        patches = network.backbone.patch_embed(fixture["input"]).flatten(1, 2)
+    torch.testing.assert_close(patches, fixture["patch_embed"], atol=ATOL, rtol=RTOL)
+
+
+def test_interpolated_position_embedding_matches_reference(network: CrIBoNetwork, fixture: dict[str, Any]) -> None:
+    backbone = network.backbone
+    with torch.no_grad():
+        assert backbone.pos_embed is not None
+        pos_embed = interpolate_position_embedding(backbone.pos_embed, _grid(fixture), backbone.patch_embed.grid_size)
+    torch.testing.assert_close(pos_embed, fixture["pos_embed_interpolated"], atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("which", WHICH)
+def test_tokens_and_heads_match_reference(
+    fused_restored: dict[str, CrIBoNetwork], fixture: dict[str, Any], which: str, fused: bool
+) -> None:
+    """Fused attention off: bit-exact on this machine; on: within ~2.2e-6 (README pitfall 3)."""
+    network = fused_restored[which]
+    set_fused_attention(network, fused)
+    with torch.no_grad():
+        tokens = network(fixture["input"])
+        head_cls = network.head(tokens[:, 0])
+        head_objects = network.head.forward_objects(tokens[:, 1:])
+    torch.testing.assert_close(tokens, fixture["last_tokens"], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(tokens[:, 0], fixture["cls"], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(head_cls, fixture["head_cls"], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(head_objects, fixture["head_c_patch_tokens"], atol=ATOL, rtol=RTOL)
+
+
+def test_timm_resampling_differs_from_authors(network: CrIBoNetwork, fixture: dict) -> None:
+    """Why backbone_tokens exists: timm's own dynamic-size forward resamples the positions differently."""
+    with torch.no_grad():
+        timm_tokens = network.backbone.forward_features(fixture["input"])
+    assert (timm_tokens - fixture["last_tokens"]).abs().max() > 1e-3
+
+
+def test_native_size_equals_timm_forward(network: CrIBoNetwork) -> None:
+    backbone = network.backbone
+    height, width = (g * p for g, p in zip(backbone.patch_embed.grid_size, backbone.patch_embed.patch_size))
+    images = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(backbone_tokens(backbone, images), backbone.forward_features(images))
+
+
+def test_head_flags_follow_norm_last_layer(networks: dict[str, CrIBoNetwork], checkpoint: dict) -> None:
+    for which, norm_last_layer in zip(WHICH, (True, checkpoint["args"].norm_last_layer)):
+        head = networks[which].head
+        assert head.last_layer.weight_g.requires_grad is not norm_last_layer
+        assert head.last_layer_c.weight_g.requires_grad is not norm_last_layer
+        assert all(parameter.requires_grad for parameter in head.mlp.parameters())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Backbone factory and token forward
+
+
+def test_create_backbone_matches_authors_vit(network: CrIBoNetwork, fixture: dict[str, Any]) -> None:
+    backbone: Any = network.backbone
+    grid = backbone.patch_embed.grid_size
+    assert backbone.patch_embed.patch_size == (fixture["patch_size"],) * 2
+    assert backbone.pos_embed.shape == (1, 1 + grid[0] * grid[1], fixture["embed_dim"])
+    assert backbone.num_classes == 0
+    assert all(block.attn.qkv.bias is not None for block in backbone.blocks)
+    norms = [module for module in backbone.modules() if isinstance(module, nn.LayerNorm)]
+    assert norms and all(norm.eps == 1e-6 for norm in norms)
+    gelus = [module for module in backbone.modules() if isinstance(module, nn.GELU)]
+    assert gelus and all(gelu.approximate == "none" for gelu in gelus)
+
+
+def test_resolve_arch() -> None:
+    assert resolve_arch("vit_small", 16) == ("vit_small_patch16_224", {})
+    assert resolve_arch("vit_base", 8) == ("vit_base_patch8_224", {})
+    assert resolve_arch("vit_tiny", 8) == ("vit_tiny_patch16_224", {"patch_size": 8})
+    assert resolve_arch("vit_small_patch14_dinov2") == ("vit_small_patch14_dinov2", {})
+    with pytest.raises(ValueError, match="vit_tiny"):
+        resolve_arch("vit_huge_nonexistent")
+    with pytest.raises(ValueError, match="patch_size"):
+        resolve_arch("vit_tiny", 0)
+
+
+def test_create_backbone_patch_sizes_and_errors() -> None:
+    with torch.device("meta"):
+        tiny8: Any = create_backbone("vit_tiny", patch_size=8)
+        assert tiny8.patch_embed.patch_size == (8, 8)
+        assert tiny8.pos_embed.shape == (1, 1 + 28 * 28, 192)
+        with pytest.raises(ValueError, match="patch size 16"):
+            create_backbone("vit_small_patch16_224", patch_size=8)
+        with pytest.raises(ValueError, match="VisionTransformer"):
+            create_backbone("resnet18")
+        with pytest.raises(ValueError, match=re.escape(str(sorted(SHORT_ARCHS)))):
+            create_backbone("vit_gigantic")
+
+
+def test_backbone_tokens_non_square_and_errors() -> None:
+    backbone = create_backbone("test_vit").eval()
+    patch = backbone.patch_embed.patch_size[0]
+    images = torch.randn(2, 3, 3 * patch, 5 * patch, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        tokens = backbone_tokens(backbone, images)
+    assert tokens.shape == (2, 1 + 3 * 5, backbone.embed_dim)
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        backbone_tokens(backbone, images[..., 1:])
+    with pytest.raises(ValueError, match="images"):
+        backbone_tokens(backbone, images[0])
+    with torch.device("meta"):
+        registers = timm.create_model("test_vit", num_classes=0, reg_tokens=4)
+    with pytest.raises(ValueError, match="register"):
+        backbone_tokens(registers, images.to("meta"))
+
+
+def test_gradient_checkpointing_gives_same_tokens_and_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def counting_checkpoint_seq(blocks: nn.Module, tokens: Tensor) -> Tensor:
+        calls.append(tokens.shape)
+        return checkpoint_seq(blocks, tokens)
+
+    monkeypatch.setattr(models, "checkpoint_seq", counting_checkpoint_seq)
+    backbone = create_backbone("test_vit").eval()
+    images = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(2))
+    grads = []
+    outputs = []
+    for enabled in (False, True):
+        backbone.set_grad_checkpointing(enabled)
+        backbone.zero_grad()
+        tokens = backbone_tokens(backbone, images)
+        tokens.square().mean().backward()
+        outputs.append(tokens.detach())
+        grads.append(next(backbone.blocks.parameters()).grad)
+    assert len(calls) == 1 and grads[0] is not None
+    torch.testing.assert_close(outputs[0], outputs[1])
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_interpolate_position_embedding_properties() -> None:
+    dim, native = 4, (5, 5)
+    constant = torch.arange(dim, dtype=torch.float32).expand(1, 1 + 25, dim).clone()
+    constant[:, 0] = -7.0
+    resized = interpolate_position_embedding(constant, (3, 8), native)
+    assert resized.shape == (1, 1 + 24, dim)
+    assert torch.equal(resized[:, 0], constant[:, 0])  # [CLS] entry untouched
+    torch.testing.assert_close(resized[:, 1:], constant[:, 1:2].expand(1, 24, dim))  # bicubic keeps constants
+    assert interpolate_position_embedding(constant, native, native) is constant
+    # The scale factor, not the output size, sets the sampling positions.
+    ramp = torch.randn(1, 1 + 25, dim, generator=torch.Generator().manual_seed(3))
+    by_size = F.interpolate(
+        ramp[:, 1:].reshape(1, 5, 5, dim).permute(0, 3, 1, 2), size=(3, 8), mode="bicubic", align_corners=False
+    )
+    by_scale = interpolate_position_embedding(ramp, (3, 8), native)[:, 1:]
+    assert not torch.allclose(by_scale, by_size.permute(0, 2, 3, 1).reshape(1, 24, dim))
+    with pytest.raises(ValueError, match="pos_embed"):
+        interpolate_position_embedding(ramp, (3, 3), (4, 4))
+
+
+def test_set_fused_attention_toggles_every_layer() -> None:
+    backbone: Any = create_backbone("test_vit")
+    set_fused_attention(backbone, False)
+    assert all(block.attn.fused_attn is False for block in backbone.blocks)
+    set_fused_attention(backbone, True)
+    assert all(block.attn.fused_attn is True for block in backbone.blocks)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Projection head and network
+
+
+def test_projection_head_structure_and_init() -> None:
+    torch.manual_seed(0)
+    head = ProjectionHead(12, 7, 9, hidden_dim=32, bottleneck_dim=6)
+    assert set(head.state_dict()) == {
+        "mlp.0.weight",
+        "mlp.0.bias",
+        "mlp.2.weight",
+        "mlp.2.bias",
+        "mlp.4.weight",
+        "mlp.4.bias",
+        "last_layer.weight_g",
+        "last_layer.weight_v",
+        "last_layer_c.weight_g",
+        "last_layer_c.weight_v",
+    }
+    assert head.last_layer.weight_g.shape == (7, 1) and head.last_layer.weight_v.shape == (7, 6)
+    assert head.last_layer_c.weight_g.shape == (9, 1) and head.last_layer_c.weight_v.shape == (9, 6)
+    assert torch.equal(head.last_layer.weight_g, torch.ones(7, 1))
+    linears = [module for module in head.mlp.modules() if isinstance(module, nn.Linear)]
+    assert all(torch.equal(linear.bias, torch.zeros_like(linear.bias)) for linear in linears)
+    assert all(linear.weight.abs().max() <= 2.0 and linear.weight.std() < 0.03 for linear in linears)
+    torch.testing.assert_close(head.last_layer.weight.norm(dim=1), torch.ones(7))
+    features = torch.randn(5, 12)
+    assert head(features).shape == (5, 7)
+    assert head.forward_objects(features).shape == (5, 9)
+
+
+def test_projection_head_weight_norm_and_separate_last_layers() -> None:
+    torch.manual_seed(0)
+    head = ProjectionHead(12, 7, 9, hidden_dim=32, bottleneck_dim=6)
+    features = torch.randn(5, 12)
+    before_global, before_objects = head(features), head.forward_objects(features)
+    with torch.no_grad():
+        head.last_layer_c.weight_g.fill_(2.0)
+        head.last_layer_c.weight_v.mul_(3.0)  # the scale of v does not matter
+    torch.testing.assert_close(head(features), before_global)
+    torch.testing.assert_close(head.forward_objects(features), 2.0 * before_objects)
+    bottleneck = head.bottleneck(features)
+    torch.testing.assert_close(bottleneck.norm(dim=-1), torch.ones(5))
+    v = head.last_layer.weight_v
+    torch.testing.assert_close(head(features), bottleneck @ (v / v.norm(dim=1, keepdim=True)).T)
+
+
+def test_projection_head_variants() -> None:
+    assert isinstance(ProjectionHead(12, 7, 9, num_layers=1, bottleneck_dim=6).mlp, nn.Linear)
+    with_bn: Any = ProjectionHead(12, 7, 9, hidden_dim=16, bottleneck_dim=6, use_bn=True)
+    assert isinstance(with_bn.mlp[1], nn.BatchNorm1d) and isinstance(with_bn.mlp[6], nn.Linear)
+    with pytest.raises(ValueError, match="num_layers"):
+        ProjectionHead(12, 7, 9, num_layers=0)
+
+
+def test_network_forward_and_state_dict_prefixes() -> None:
+    backbone = create_backbone("test_vit").eval()
+    network = CrIBoNetwork(backbone, ProjectionHead(backbone.embed_dim, 7, 9, hidden_dim=16, bottleneck_dim=6))
+    keys = set(network.state_dict())
+    assert all(key.startswith(("backbone.", "head.")) for key in keys)
+    images = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(network(images), backbone_tokens(backbone, images))
+    # A DDP-style copy loads back; a missing or misshaped tensor is an error.
+    state = {"module." + key: value.clone() for key, value in network.state_dict().items()}
+    load_network_state(network, state)
+    del state["module.head.last_layer_c.weight_g"]
+    with pytest.raises(ValueError, match=r"missing: head\.last_layer_c\.weight_g"):
+        load_network_state(network, state)
+    state["module.head.last_layer_c.weight_g"] = torch.ones(3, 1)
+    with pytest.raises(ValueError, match="wrong shape"):
+        load_network_state(network, state)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# load_backbone / export_backbone
+
+
+@pytest.mark.parametrize("which", WHICH)
+def test_load_backbone_authors_checkpoint(
+    reference: Path, fixture: dict[str, Any], checkpoint: dict, backbone_state: dict, which: str
+) -> None:
+    path = reference / CHECKPOINT
+    backbone, info = load_backbone(path, which="student" if which == "student" else "teacher")
+    assert (info.source, info.arch, info.patch_size) == ("authors_cribo", fixture["arch"], fixture["patch_size"])
+    assert info.embed_dim == fixture["embed_dim"] and info.which == which
+    assert info.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert set(info.loaded_keys) == set(backbone.state_dict())
+    assert set(info.skipped_keys) == {k for k in fixture["teacher_state_dict_shapes"] if k.startswith("head.")}
+    _assert_state_equal(backbone, backbone_state)
+    assert not backbone.training
+    with torch.no_grad():
+        tokens = backbone_tokens(backbone, fixture["input"])
+    torch.testing.assert_close(tokens, fixture["last_tokens"], atol=ATOL, rtol=RTOL)
+
+
+def _dino_layouts(state: dict[str, Tensor]) -> dict[str, Any]:
+    head = {"head.mlp.0.weight": torch.zeros(4, 3), "head.last_layer.weight_g": torch.ones(5, 1)}
+    prefixed = {**{"backbone." + k: v for k, v in state.items()}, **head}
+    ddp = {"module." + k: v for k, v in prefixed.items()}
+    return {
+        "plain": dict(state),
+        "model": {"model": dict(state)},
+        "state_dict_backbone": {"state_dict": prefixed},
+        "teacher_ddp": {"teacher": ddp, "epoch": 3},
+        "dino_training": {"student": ddp, "teacher": prefixed, "args": argparse.Namespace(arch="vit_tiny")},
+    }
+
+
+@pytest.mark.parametrize("layout", list(_dino_layouts({})))
+def test_load_backbone_dino_layouts(tmp_path: Path, backbone_state: dict, layout: str) -> None:
+    path = tmp_path / f"{layout}.pth"
+    torch.save(_dino_layouts(backbone_state)[layout], path)
+    backbone, info = load_backbone(path)
+    assert (info.source, info.arch, info.patch_size, info.embed_dim) == ("dino_state_dict", "vit_tiny", 16, 192)
+    _assert_state_equal(backbone, backbone_state)
+    assert all(key.startswith("head.") for key in info.skipped_keys)
+
+
+def test_load_backbone_infers_patch_size(tmp_path: Path, backbone_state: dict) -> None:
+    state = dict(backbone_state)
+    dim = state["cls_token"].shape[-1]
+    state["patch_embed.proj.weight"] = torch.randn(dim, 3, 8, 8)
+    state["pos_embed"] = torch.randn(1, 1 + 28 * 28, dim)
+    torch.save(state, tmp_path / "p8.pth")
+    backbone, info = load_backbone(tmp_path / "p8.pth")
+    assert (info.arch, info.patch_size) == ("vit_tiny", 8)
+    _assert_state_equal(backbone, state)
+
+
+def test_load_backbone_cribo_checkpoint(tmp_path: Path, checkpoint: dict, backbone_state: dict) -> None:
+    teacher = {k: v for k, v in checkpoint["teacher"].items()}
+    saved = {
+        "teacher": teacher,
+        "student": {"module." + k: v for k, v in teacher.items()},
+        "config": {"model": {"arch": "vit_tiny", "patch_size": 16}, "epochs": 3},
+        "epoch": 1,
+    }
+    torch.save(saved, tmp_path / "checkpoint.pth")
+    backbone, info = load_backbone(tmp_path / "checkpoint.pth", which="student")
+    assert (info.source, info.which, info.arch, info.patch_size) == ("cribo", "student", "vit_tiny", 16)
+    assert len(info.skipped_keys) == sum(key.startswith("head.") for key in teacher)
+    _assert_state_equal(backbone, backbone_state)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ("missing", r"missing: norm\.weight"),
+        ("unexpected", r"unexpected: blocks\.12\.norm1\.weight"),
+        ("shape", r"wrong shape: pos_embed \(1, 50, 192\) != \(1, 197, 192\)"),
+    ],
+)
+def test_load_backbone_rejects_mismatched_weights(
+    tmp_path: Path, backbone_state: dict, edit: str, message: str
+) -> None:
+    state = dict(backbone_state)
+    if edit == "missing":
+        del state["norm.weight"]
+    elif edit == "unexpected":
+        state["blocks.12.norm1.weight"] = torch.ones(192)
+    else:
+        state["pos_embed"] = torch.zeros(1, 50, 192)
+    torch.save({"model": state}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match=message):
+        load_backbone(tmp_path / "bad.pth")
+
+
+def test_load_backbone_needs_arch_for_unknown_width(tmp_path: Path) -> None:
+    backbone = create_backbone("test_vit")
+    torch.save(backbone.state_dict(), tmp_path / "narrow.pth")
+    with pytest.raises(ValueError, match="pass arch="):
+        load_backbone(tmp_path / "narrow.pth")
+    loaded, info = load_backbone(tmp_path / "narrow.pth", arch="test_vit")
+    assert info.arch == "test_vit"
+    _assert_state_equal(loaded, backbone.state_dict())
+
+
+def test_load_backbone_pickle_needs_permission(tmp_path: Path, backbone_state: dict) -> None:
+    path = tmp_path / "pickled.pth"
+    torch.save({"model": backbone_state, "meta": types.SimpleNamespace(arch="vit_tiny")}, path)
+    with pytest.raises(ValueError, match="allow_pickle") as error:
+        load_backbone(path)
+    assert str(path) in str(error.value) and "--allow-pickle" in str(error.value)
+    backbone, info = load_backbone(path, allow_pickle=True)
+    assert info.source == "dino_state_dict"
+    _assert_state_equal(backbone, backbone_state)
+
+
+def test_load_backbone_bad_specs(tmp_path: Path, checkpoint: dict) -> None:
+    with pytest.raises(ValueError, match="not a file"):
+        load_backbone(tmp_path / "absent.pth")
+    with pytest.raises(ValueError, match="which"):
+        load_backbone(tmp_path / "absent.pth", which="ema")  # type: ignore[arg-type]
+    torch.save({"teacher": checkpoint["teacher"]}, tmp_path / "teacher_only.pth")
+    with pytest.raises(ValueError, match="'student'"):
+        load_backbone(tmp_path / "teacher_only.pth", which="student")
+    torch.save({"epoch": 3}, tmp_path / "no_weights.pth")
+    with pytest.raises(ValueError, match="no state dict"):
+        load_backbone(tmp_path / "no_weights.pth")
+    with pytest.raises(ValueError, match="names no arch"):
+        load_backbone("random:")
+
+
+def test_export_round_trip(tmp_path: Path, network: CrIBoNetwork, backbone_state: dict) -> None:
+    source = network.backbone
+    path = export_backbone(source, tmp_path / "out" / "backbone.safetensors")
+    sidecar = json.loads(path.with_suffix(".json").read_text())
+    assert (sidecar["arch"], sidecar["patch_size"], sidecar["embed_dim"]) == ("vit_tiny", 16, 192)
+    backbone, info = load_backbone(path)
+    assert (info.source, info.arch, info.patch_size, info.which) == ("safetensors", "vit_tiny", 16, None)
+    _assert_state_equal(backbone, backbone_state)
+    with pytest.raises(ValueError, match=r"\.safetensors"):
+        export_backbone(source, tmp_path / "backbone.pth")
+
+
+def test_export_timm_name_without_sidecar(tmp_path: Path) -> None:
+    source = create_backbone("test_vit")
+    path = export_backbone(source, tmp_path / "test_vit.safetensors")
+    path.with_suffix(".json").unlink()  # the header metadata alone is enough
+    backbone, info = load_backbone(path)
+    assert info.arch == "test_vit"
+    _assert_state_equal(backbone, source.state_dict())
+
+
+def test_foreign_safetensors_is_inferred(tmp_path: Path, backbone_state: dict) -> None:
+    save_file({"backbone." + k: v.contiguous() for k, v in backbone_state.items()}, tmp_path / "x.safetensors")
+    backbone, info = load_backbone(tmp_path / "x.safetensors")
+    assert (info.source, info.arch, info.patch_size) == ("safetensors", "vit_tiny", 16)
+    _assert_state_equal(backbone, backbone_state)
+
+
+def test_random_specs_are_seeded_and_leave_global_rng_alone() -> None:
+    state_before = torch.random.get_rng_state()
+    first, info = load_backbone("timm:test_vit")
+    second, _ = load_backbone("timm:test_vit")
+    assert torch.equal(torch.random.get_rng_state(), state_before)
+    assert (info.source, info.arch, info.path, info.sha256, info.loaded_keys) == ("random", "test_vit", None, None, ())
+    _assert_state_equal(second, first.state_dict())
+    tiny, tiny_info = load_backbone("random:vit_tiny", patch_size=16)
+    assert (tiny_info.arch, tiny_info.patch_size, tiny_info.embed_dim) == ("vit_tiny", 16, 192)
+    assert tiny.pos_embed is not None and tiny.pos_embed.std() > 0
+    with pytest.raises(ValueError, match="vit_small"):
+        load_backbone("random:vit_enormous")

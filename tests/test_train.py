@@ -1,0 +1,195 @@
+"""The training loop: a smoke run, exact resume, non-finite loss, bad data, and the 2-process run."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from cribo import config as config_lib
+from cribo.config import TrainConfig
+from cribo.train import NonFiniteLossError, build_trainer, train
+
+
+def tiny_config(output_dir: Path, **extra: Any) -> TrainConfig:
+    """A seconds-long configuration: 2-block ViT with 8-px patches on 32-px views, 4 steps per epoch."""
+    overrides: dict[str, Any] = {
+        "arch": "vit_tiny",
+        "patch_size": 8,
+        "depth": 2,
+        "out_dim": 64,
+        "out_dim_c": 64,
+        "image_size": 32,
+        "scenes_num_images": 16,
+        "scenes_image_size": 48,
+        "num_workers": 0,
+        "n_tokens": 4,
+        "queue_size": 12,
+        "epochs": 2,
+        "batch_size_per_gpu": 4,
+        "warmup_epochs": 1,
+        "warmup_teacher_temp_epochs": 1,
+        "device": "cpu",
+        "precision": "fp32",
+        "log_every": 1,
+        "checkpoint_every": 0,
+        "saveckp_freq": 0,
+        "drop_path_rate": 0.1,
+        "output_dir": str(output_dir),
+    }
+    overrides.update(extra)
+    return config_lib.resolve(overrides=overrides)
+
+
+def read_log(output_dir: Path) -> list[dict[str, float]]:
+    return [json.loads(line) for line in (output_dir / "log.txt").read_text().splitlines()]
+
+
+def test_smoke_run_writes_checkpoint_log_and_config(tmp_path: Path) -> None:
+    result = train(tiny_config(tmp_path / "run"), progress_bar=False)
+    assert result.step == 8 and result.epoch == 2
+    rows = read_log(tmp_path / "run")
+    assert len(rows) == 8
+    for key in ("d_loss", "s_loss", "nn_loss", "r_cnt", "lr", "wd", "bootstrap_centroid_ratio", "images_per_s"):
+        assert all(key in row for row in rows)
+    assert all(row["nn_loss"] == 0.0 for row in rows if row["epoch"] == 0)  # cross-image loss off in epoch 0
+    assert all(torch.isfinite(torch.tensor(row["loss"])) for row in rows)
+    assert (tmp_path / "run" / "checkpoint.pth").is_file() and (tmp_path / "run" / "config.yaml").is_file()
+    saved = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)
+    assert saved["step"] == 8 and set(saved) >= {"student", "teacher", "optimizer", "bank", "criterion", "rng"}
+
+
+def assert_same_state(a: dict[str, Any], b: dict[str, Any]) -> None:
+    for part in ("student", "teacher", "criterion", "bank"):
+        assert a[part].keys() == b[part].keys()
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key} differs"
+
+
+def test_stop_and_resume_is_bit_identical(tmp_path: Path) -> None:
+    # 6 steps straight vs. 3 steps, a new trainer from the checkpoint, 3 more (crossing the epoch boundary).
+    train(tiny_config(tmp_path / "straight", max_steps=6), progress_bar=False)
+    train(tiny_config(tmp_path / "resumed", max_steps=3), progress_bar=False)
+    half = torch.load(tmp_path / "resumed" / "checkpoint.pth", weights_only=True)
+    assert half["step"] == 3
+    train(tiny_config(tmp_path / "resumed", max_steps=6), progress_bar=False)
+    straight = torch.load(tmp_path / "straight" / "checkpoint.pth", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed" / "checkpoint.pth", weights_only=True)
+    assert straight["step"] == resumed["step"] == 6
+    assert_same_state(straight, resumed)
+    assert_same_state(straight, resumed)
+    assert straight["optimizer"]["state"].keys() == resumed["optimizer"]["state"].keys()
+
+
+def test_larger_epochs_continues_a_finished_run(tmp_path: Path) -> None:
+    train(tiny_config(tmp_path / "run", epochs=1), progress_bar=False)
+    result = train(tiny_config(tmp_path / "run", epochs=2), progress_bar=False)
+    assert result.step == 8
+    assert len(read_log(tmp_path / "run")) == 8
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tiny_config(tmp_path / "run", max_steps=2)
+    train(cfg, progress_bar=False)
+    before = (tmp_path / "run" / "checkpoint.pth").read_bytes()
+    import cribo.train as train_module
+
+    original = train_module.CrIBoLoss.forward
+
+    def poisoned(self: Any, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        terms = original(self, *args, **kwargs)
+        terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(train_module.CrIBoLoss, "forward", poisoned)
+    with pytest.raises(NonFiniteLossError, match="non-finite loss"):
+        train(tiny_config(tmp_path / "run", max_steps=4), progress_bar=False)
+    assert (tmp_path / "run" / "checkpoint.pth").read_bytes() == before
+
+
+def test_unreadable_images_are_skipped_and_counted(tmp_path: Path) -> None:
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index in range(9):
+        Image.new("RGB", (40, 48), (index * 20, 100, 50)).save(folder / f"img{index}.png")
+    (folder / "broken.jpg").write_bytes(b"not a jpeg at all")
+    cfg = tiny_config(tmp_path / "run", data_path=str(folder), epochs=1, batch_size_per_gpu=5)
+    result = train(cfg, progress_bar=False)
+    assert result.step == 2
+    saved = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)
+    assert saved["skipped_images"] == 1
+
+
+def test_missing_data_folder_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="nowhere"):
+        build_trainer(tiny_config(tmp_path / "run", data_path=str(tmp_path / "nowhere")))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Two processes (gloo)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _worker(rank: int, world: int, port: int, output_dir: str, dump_dir: str) -> None:
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": "0",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
+    torch.set_num_threads(1)
+    from cribo import distributed
+    from cribo.train import build_trainer as build
+    from cribo.train import fit
+
+    distributed.init("gloo")
+    cfg = tiny_config(Path(output_dir), epochs=1, scenes_num_images=16, batch_size_per_gpu=4, queue_size=32)
+    trainer = build(cfg)
+    result = fit(trainer, progress_bar=False)
+    state = {
+        "step": result.step,
+        "student": trainer.student.state_dict(),
+        "teacher": trainer.teacher.state_dict(),
+        "bank": trainer.bank.state_dict(),
+        "criterion": trainer.criterion.state_dict(),
+    }
+    torch.save(state, Path(dump_dir) / f"rank{rank}.pt")
+    distributed.shutdown()
+
+
+def test_two_process_run_shares_banks_and_weights(tmp_path: Path) -> None:
+    port = free_port()
+    mp.spawn(_worker, args=(2, port, str(tmp_path / "run"), str(tmp_path)), nprocs=2, join=True)
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert rank0["step"] == rank1["step"] == 2  # 16 images / (4 per process x 2 processes)
+    # Identical weights, centres and banks on both ranks. The banks can only agree if each received the other's
+    # objects (the two ranks cluster different images), so this also checks the ragged all-gather.
+    assert_same_state(rank0, rank1)
+    from cribo.memory import ObjectMemoryBank
+
+    bank = ObjectMemoryBank(32, 4, rank0["bank"]["objects"].shape[-1])
+    bank.load_state_dict(rank0["bank"])
+    fresh = ObjectMemoryBank(32, 4, bank.dim, generator=torch.Generator().manual_seed(0))
+    replaced = (bank.objects != fresh.objects).flatten(2).any(-1).any(0)  # (Q,) slots written
+    assert int(replaced.sum()) == 2 * 2 * 4  # 2 steps x 2 ranks x 4 images
+    # Rank 0's checkpoint resumes in one process (a warning says the step count per epoch changed).
+    result = train(tiny_config(tmp_path / "run", epochs=2, scenes_num_images=16, queue_size=32), progress_bar=False)
+    assert result.epoch == 2 and result.step == 8
