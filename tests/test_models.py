@@ -235,7 +235,7 @@ def test_backbone_tokens_non_square_and_errors() -> None:
     with pytest.raises(ValueError, match="images"):
         backbone_tokens(backbone, images[0])
     with torch.device("meta"):
-        registers = timm.create_model("test_vit", num_classes=0, reg_tokens=4)
+        registers: Any = timm.create_model("test_vit", num_classes=0, reg_tokens=4)
     with pytest.raises(ValueError, match="register"):
         backbone_tokens(registers, images.to("meta"))
 

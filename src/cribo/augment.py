@@ -323,10 +323,10 @@ def colour_jitter(view: Image.Image, rng: random.Random) -> Image.Image:
     rng.shuffle(order)
     for step in order:
         if step == 0:
-            view = view.point(_affine_table(brightness, 0.0) * 3)
+            view = view.point(_affine_table(brightness, 0.0))
         elif step == 1:
             grey_mean = _grey_mean(view)
-            view = view.point(_affine_table(contrast, (1 - contrast) * grey_mean) * 3)
+            view = view.point(_affine_table(contrast, (1 - contrast) * grey_mean))
         elif step == 2:
             view = Image.blend(view.convert("L").convert("RGB"), view, saturation)
         else:
@@ -335,8 +335,9 @@ def colour_jitter(view: Image.Image, rng: random.Random) -> Image.Image:
 
 
 def _affine_table(gain: float, bias: float) -> list[int]:
-    """Look-up table of ``clip(round(gain * v + bias), 0, 255)`` for v in 0..255."""
-    return [min(255, max(0, int(gain * value + bias + 0.5))) for value in range(256)]
+    """PIL ``point`` table of ``clip(round(gain * v + bias), 0, 255)`` for the 3 x 256 levels of an RGB image."""
+    levels = np.clip(np.rint(np.arange(256) * gain + bias), 0, 255).astype(np.int64)
+    return np.tile(levels, 3).tolist()
 
 
 def _grey_mean(view: Image.Image) -> float:
@@ -352,31 +353,33 @@ def _shift_hue(view: Image.Image, hue: float) -> Image.Image:
     which is several times faster than PIL's own conversion: each channel is ``v - round(v s / 255 w)``, where
     ``w`` in [0, 1] depends on the (shifted) hue sector and the channel.
     """
-    shift = round(hue * 255)
+    shift = round(hue * 255) % 256
     if shift == 0:
         return view
     hsv = np.asarray(view.convert("HSV"))
-    weights = np.take(_hue_weights(shift), hsv[..., 0], axis=0)  # (S, S, 3)
+    shifted_hue = hsv[..., 0] + np.uint8(shift)  # uint8 arithmetic wraps modulo 256
+    weights = np.take(_HUE_WEIGHTS, shifted_hue, axis=0)  # (S, S, 3)
     value = hsv[..., 2].astype(np.float32)
     chroma = value * hsv[..., 1].astype(np.float32) * (1.0 / 255.0)
     rgb = value[..., None] - np.rint(chroma[..., None] * weights)
     return Image.fromarray(rgb.astype(np.uint8))
 
 
-def _hue_weights(shift: int) -> np.ndarray:
-    """(256, 3) float32 weight ``w`` of each RGB channel for each hue level before a shift of ``shift`` levels.
+def _hue_weights() -> np.ndarray:
+    """(256, 3) float32 weight ``w`` of each RGB channel for each 8-bit hue level.
 
     With ``x = 6 h / 255``, sector ``i = floor(x)`` and ``f = x - i``, PIL (like colorsys) sets the channels to
     ``v``, ``p = v (1 - s)``, ``q = v (1 - s f)`` or ``t = v (1 - s (1 - f))``, i.e. weights 0, 1, f and 1 - f.
     """
-    shifted = (np.arange(256) + shift) % 256
-    position = shifted * 6.0 / 255.0
+    position = np.arange(256) * 6.0 / 255.0
     sector = np.floor(position).astype(np.int64) % 6  # h = 255 gives sector 6, which PIL treats as sector 0
     fraction = position - np.floor(position)
-    zeros, ones = np.zeros(256), np.ones(256)
-    choices = {"v": zeros, "p": ones, "q": fraction, "t": 1.0 - fraction}
+    choices = {"v": np.zeros(256), "p": np.ones(256), "q": fraction, "t": 1.0 - fraction}
     columns = []
     for channel in range(3):
         per_sector = np.stack([choices[HSV_SECTORS[index][channel]] for index in range(6)])  # (6, 256)
         columns.append(per_sector[sector, np.arange(256)])
     return np.stack(columns, axis=-1).astype(np.float32)
+
+
+_HUE_WEIGHTS = _hue_weights()

@@ -127,7 +127,7 @@ def command_export(args: argparse.Namespace) -> int:
     from cribo.models import export_backbone, load_backbone
 
     backbone, info = load_backbone(args.checkpoint, which=args.which, allow_pickle=args.allow_pickle)
-    path = export_backbone(backbone, Path(args.output), arch=info.arch, patch_size=info.patch_size)
+    path = export_backbone(backbone, Path(args.output), arch=info.arch)
     print(f"exported the {args.which} backbone of {args.checkpoint} ({info.arch}/{info.patch_size}) to {path}")
     return 0
 

@@ -91,7 +91,9 @@ def resolve_arch(arch: str, patch_size: int = DEFAULT_PATCH_SIZE) -> tuple[str, 
     raise ValueError(f"arch {arch!r} is unknown: use one of {sorted(SHORT_ARCHS)} or a timm ViT model name")
 
 
-def create_backbone(arch: str, patch_size: int = DEFAULT_PATCH_SIZE, drop_path_rate: float = 0.0) -> VisionTransformer:
+def create_backbone(
+    arch: str, patch_size: int = DEFAULT_PATCH_SIZE, drop_path_rate: float = 0.0, depth: int | None = None
+) -> VisionTransformer:
     """Build a randomly initialised timm ViT without classifier that accepts any input size.
 
     Args:
@@ -99,11 +101,16 @@ def create_backbone(arch: str, patch_size: int = DEFAULT_PATCH_SIZE, drop_path_r
             its own patch size (a non-default ``patch_size`` that contradicts it is an error).
         patch_size: patch side in pixels for the short names.
         drop_path_rate: stochastic depth rate (authors: 0.1 in pretraining).
+        depth: number of transformer blocks when not the architecture's own (shallow ViTs for CPU runs).
 
     Returns:
         ``VisionTransformer`` with ``num_classes=0`` and ``dynamic_img_size=True``; nothing is downloaded.
     """
     name, extra = resolve_arch(arch, patch_size)
+    if depth is not None:
+        if depth < 1:
+            raise ValueError(f"depth must be a positive number of blocks, got {depth}")
+        extra = {**extra, "depth": depth}
     try:
         model = timm.create_model(
             name, pretrained=False, num_classes=0, dynamic_img_size=True, drop_path_rate=drop_path_rate, **extra
@@ -121,17 +128,17 @@ def create_backbone(arch: str, patch_size: int = DEFAULT_PATCH_SIZE, drop_path_r
     return model
 
 
-def _backbone_to_load(arch: str, patch_size: int) -> VisionTransformer:
+def _backbone_to_load(arch: str, patch_size: int, depth: int | None = None) -> VisionTransformer:
     """Backbone on the meta device, whose tensors ``load_state_dict(assign=True)`` then replaces.
 
     Skips the (slow) random init and a copy of every weight. Models with non-persistent buffers, which loading
     would not replace, are built normally.
     """
     with torch.device("meta"):
-        model = create_backbone(arch, patch_size)
+        model = create_backbone(arch, patch_size, depth=depth)
     persistent = set(model.state_dict())
     if any(name not in persistent for name, _ in model.named_buffers()):
-        return create_backbone(arch, patch_size)
+        return create_backbone(arch, patch_size, depth=depth)
     return model
 
 
@@ -624,6 +631,9 @@ def load_backbone(
     backbone_state, skipped = split_backbone_state(found.state)
     arch_name, patch = _resolve_architecture(backbone_state, arch or found.arch, patch_size or found.patch_size, path)
     backbone = _backbone_to_load(arch_name, patch)
+    shallow = depth_of_state(backbone_state)
+    if shallow is not None and shallow < len(backbone.blocks):  # a shallower ViT (e.g. the tiny-cpu preset)
+        backbone = _backbone_to_load(arch_name, patch, shallow)
     expected = backbone.state_dict()
     check_state_dict(expected, backbone_state, f"backbone weights in {path}")
     # The file's tensors are ours alone: the model takes them over (in its own dtype) instead of copying them.
@@ -644,6 +654,12 @@ def load_backbone(
         "loaded %s backbone %s/%d from %s (%d tensors)", info.source, arch_name, patch, path, len(backbone_state)
     )
     return backbone.eval(), info
+
+
+def depth_of_state(state: Mapping[str, Tensor]) -> int | None:
+    """Number of transformer blocks in a backbone state dict (``blocks.<i>.`` keys); None if it has none."""
+    indices = {int(match.group(1)) for key in state if (match := re.match(r"blocks\.(\d+)\.", key))}
+    return max(indices) + 1 if indices else None
 
 
 def arch_of(backbone: VisionTransformer) -> str:

@@ -34,7 +34,14 @@ from cribo.losses import CrIBoLoss
 from cribo.matching import match_objects
 from cribo.memory import ObjectMemoryBank
 from cribo.models import CrIBoNetwork, ProjectionHead, create_backbone
-from cribo.schedules import cosine_schedule, pos_alpha_at, scaled_lr, teacher_temperature
+from cribo.schedules import (
+    last_layer_frozen,
+    lr_schedule,
+    pos_alpha_at,
+    teacher_momentum_schedule,
+    teacher_temperature,
+    weight_decay_schedule,
+)
 from cribo.teacher import ema_update, freeze
 
 logger = logging.getLogger(__name__)
@@ -154,7 +161,6 @@ def build_network(config: TrainConfig, drop_path_rate: float, norm_last_layer: b
         config.model.arch,
         patch_size=config.model.patch_size,
         drop_path_rate=drop_path_rate,
-        img_size=config.data.image_size,
         depth=config.model.depth or None,
     )
     head = ProjectionHead(
@@ -214,12 +220,12 @@ class Schedules:
 
     @classmethod
     def build(cls, config: TrainConfig, iters: int, world_size: int) -> Schedules:
-        total = config.optim.epochs * iters
-        base_lr = scaled_lr(config.optim.lr, config.optim.batch_size_per_gpu * world_size)
+        opt = config.optim
+        total_batch = opt.batch_size_per_gpu * world_size
         return cls(
-            lr=cosine_schedule(base_lr, config.optim.min_lr, total, warmup_steps=config.optim.warmup_epochs * iters),
-            weight_decay=cosine_schedule(config.optim.weight_decay, config.optim.weight_decay_end, total),
-            momentum=cosine_schedule(config.optim.momentum_teacher, 1.0, total),
+            lr=lr_schedule(opt.lr, opt.min_lr, total_batch, opt.epochs, iters, opt.warmup_epochs),
+            weight_decay=weight_decay_schedule(opt.weight_decay, opt.weight_decay_end, opt.epochs, iters),
+            momentum=teacher_momentum_schedule(opt.momentum_teacher, opt.epochs, iters),
         )
 
 
@@ -419,7 +425,6 @@ class StepValues:
 def step_values(trainer: Trainer) -> StepValues:
     """Evaluate every schedule at the trainer's current step and epoch."""
     cfg, epoch, it = trainer.config, trainer.epoch, min(trainer.step, len(trainer.schedules.lr) - 1)
-    order = "authors" if cfg.method.semantics == "authors" else "paper"
     return StepValues(
         lr=float(trainer.schedules.lr[it]),
         weight_decay=float(trainer.schedules.weight_decay[it]),
@@ -430,9 +435,9 @@ def step_values(trainer: Trainer) -> StepValues:
         teacher_temp_c=teacher_temperature(
             epoch, cfg.loss.warmup_teacher_temp_c, cfg.loss.teacher_temp_c, cfg.loss.warmup_teacher_temp_epochs
         ),
-        pos_alpha=pos_alpha_at(epoch, cfg.optim.epochs, cfg.method.pos_alpha, order=order),
+        pos_alpha=pos_alpha_at(epoch, cfg.optim.epochs, cfg.method.pos_alpha, order=cfg.method.semantics),
         cross_image=epoch >= 1,  # the cross-image term starts with the second epoch (paper §3.3)
-        freeze_last_layer=epoch < cfg.optim.freeze_last_layer,
+        freeze_last_layer=last_layer_frozen(epoch, cfg.optim.freeze_last_layer),
     )
 
 

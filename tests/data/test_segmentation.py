@@ -92,13 +92,13 @@ def test_voc_rgb_masks_map_through_the_palette(tmp_path: Path) -> None:
 
 def test_voc_errors_name_the_file(tmp_path: Path) -> None:
     voc = write_voc(tmp_path, {"train": ["a", "b"], "val": ["c"]})
-    with pytest.raises(ValueError, match="valid splits: \\['train', 'val'\\]"):
+    with pytest.raises(ValueError, match=r"valid splits: \['train', 'val'\]"):
         VOCSegmentation(tmp_path, "test")
     (voc / "SegmentationClass" / "b.png").unlink()
-    with pytest.raises(ValueError, match="missing masks: .*b.png"):
+    with pytest.raises(ValueError, match=r"missing masks: .*b\.png"):
         VOCSegmentation(tmp_path, "train")
     save_palette_png(np.zeros((5, 5), np.uint8), voc / "SegmentationClass" / "c.png")
-    with pytest.raises(ValueError, match="c.png: mask is 5x5 but its image is 24x20"):
+    with pytest.raises(ValueError, match=r"c\.png: mask is 5x5 but its image is 24x20"):
         VOCSegmentation(tmp_path, "val")[0]
     bad = voc_mask(2)
     bad[0, 0] = 30
@@ -141,7 +141,7 @@ def test_ade20k_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"ADE_0.png: label\(s\) \[151\] out of range"):
         ADE20KSegmentation(tmp_path, "training")[0]
     (base / "annotations" / "training" / "ADE_0.png").unlink()
-    with pytest.raises(ValueError, match="missing masks: .*ADE_0.png"):
+    with pytest.raises(ValueError, match=r"missing masks: .*ADE_0\.png"):
         ADE20KSegmentation(tmp_path, "training")
 
 
@@ -177,15 +177,15 @@ def test_folder_errors(tmp_path: Path) -> None:
     write_folder(tmp_path, 2, labels=2)
     with pytest.raises(ValueError, match="no image folder found"):
         FolderSegmentation(tmp_path, "val")
-    with pytest.raises(ValueError, match="classes.txt|num_classes"):
+    with pytest.raises(ValueError, match=r"classes\.txt|num_classes"):
         (tmp_path / "classes.txt").write_text("a\nb\n")
         FolderSegmentation(tmp_path, num_classes=3)
     (tmp_path / "classes.txt").unlink()
     Image.fromarray(np.zeros((10, 14, 3), np.uint8)).save(tmp_path / "masks" / "img1.png")
-    with pytest.raises(ValueError, match="img1.png: a mask must be a single-channel label image"):
+    with pytest.raises(ValueError, match=r"img1\.png: a mask must be a single-channel label image"):
         FolderSegmentation(tmp_path, num_classes=2)[1]
     (tmp_path / "masks" / "img1.png").unlink()
-    with pytest.raises(ValueError, match="missing masks: .*img1.png"):
+    with pytest.raises(ValueError, match=r"missing masks: .*img1\.png"):
         FolderSegmentation(tmp_path, num_classes=2)
     with pytest.raises(ValueError, match="data_root is required"):
         build_segmentation_dataset(DatasetSpec("voc"))

@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-import timm
 import torch
 from PIL import Image
+from timm.models import VisionTransformer
 from torch import Tensor
 
 PALETTE = np.array([[0, 0, 0], [230, 30, 30], [30, 200, 40], [40, 60, 220], [240, 220, 30]], dtype=np.uint8)
@@ -75,11 +75,11 @@ def onehot_feature_fn(patch: int, num_classes: int) -> Callable[[Tensor], Tensor
     return features
 
 
-def tiny_vit(img_size: int = 32, patch: int = 8, seed: int = 0) -> torch.nn.Module:
+def tiny_vit(img_size: int = 32, patch: int = 8, seed: int = 0) -> VisionTransformer:
     """A 2-block, 32-dim timm ViT with random weights."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = timm.models.VisionTransformer(
+        model = VisionTransformer(
             img_size=img_size,
             patch_size=patch,
             embed_dim=32,

@@ -60,7 +60,7 @@ def test_knn_torch_chunks_and_faiss_agree() -> None:
     assert torch.equal(faiss_index, full_index) and torch.allclose(faiss_sims, full_sims, atol=1e-5)
     ivf_sims, _ = NeighbourSearch(keys, "faiss-ivf", 64, 4, 4).search(queries, 7)  # approximate: runs, sorted
     assert ivf_sims.shape == (40, 7) and bool((ivf_sims[:, :-1] >= ivf_sims[:, 1:]).all())
-    few_sims, few_index = NeighbourSearch(keys[:3], "torch", 64, 8, 8).search(queries, 30)
+    _, few_index = NeighbourSearch(keys[:3], "torch", 64, 8, 8).search(queries, 30)
     assert few_index.shape == (40, 3)
 
 
@@ -99,8 +99,11 @@ def test_onehot_backbone_scores_miou_one() -> None:
     augmented = NNConfig(32, mode="augmented", passes=2, crop_scale=(0.9, 1.0), progress=False)
     runs = evaluate_nn(onehot_feature_fn(8, 4), train, val, augmented, fractions=(1 / 8, 1.0), seeds=(0, 1))
     assert [(run.fraction, run.seed, run.num_train_images) for run in runs] == [
-        (1 / 8, 0, 3), (1 / 8, 1, 3), (1.0, 0, 24), (1.0, 1, 24)
-    ]  # fmt: skip
+        (1 / 8, 0, 3),
+        (1 / 8, 1, 3),
+        (1.0, 0, 24),
+        (1.0, 1, 24),
+    ]
     assert runs[-1].scores.miou > 0.9
     assert config.k == 30 and config.temperature == 0.02
 
