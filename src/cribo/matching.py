@@ -10,8 +10,11 @@ against the current batch's view-``1-v`` objects, must return the object we star
 similarity matrix nor a normalised copy of the keys: it walks over chunks of keys with a
 running max/argmax (first index wins on ties, as ``argmax``/``topk``). On CPU it screens the
 keys with a bfloat16 matrix product first and rescores the few keys that can still be the
-float32 maximum (see :func:`screening_tolerance`): the result is the one of the float32 search,
-about three times faster.
+float32 maximum (see :func:`screening_margin`): the result is the one of the float32 search
+(same indices; similarities within float32 rounding), about twice as fast. The bound assumes what
+oneDNN documents for bfloat16 matmuls on CPU (float32 accumulation, one final rounding);
+``tests/test_matching.py`` checks it on the machine that runs the tests. Other devices use the
+plain float32 search.
 
 Axis letters: V views, n query objects (the current batch, all images), M keys (bank slots),
 D dim, c keys in a chunk, P candidate (query, key) pairs.
@@ -21,8 +24,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -30,10 +33,10 @@ from torch import Tensor
 
 from cribo.memory import ObjectMemoryBank
 
-__all__ = ["CrossImageMatches", "match_objects", "nearest_neighbours", "screening_tolerance"]
+__all__ = ["CrossImageMatches", "match_objects", "nearest_neighbours", "screening_margin"]
 
 Screening = Literal["auto", "bf16", "none"]
-SCREENING_CHOICES: tuple[str, ...] = ("auto", "bf16", "none")
+SCREENING_CHOICES: tuple[str, ...] = get_args(Screening)
 
 # F.normalize's default eps, as in the authors' normalised matching.
 NORMALIZE_EPS = 1e-12
@@ -47,11 +50,11 @@ NORMALIZATION_SLACK = 1e-4
 MIN_KEYS_TO_SCREEN = 16384
 # Keys per block whose maximum is kept while screening (transposed amax over blocks is cheap).
 SCREEN_BLOCK = 16
-# Candidate keys allowed per query before the query falls back to the float32 search
-# (bounds the memory of the candidate lists to about n * 4096 * 20 bytes).
-MAX_CANDIDATES_PER_QUERY = 4096
-# Candidate pairs rescored per batch (bounds the gathered keys to ~100 MB at D = 384).
-RESCORE_BATCH = 65536
+# Rescoring one candidate pair (two gathered rows) costs about as much as this many float32
+# GEMM entries; a chunk with more pairs than (keys * queries) / ratio is rescored by a GEMM.
+RESCORE_COST_RATIO = 32
+# Candidate pairs rescored at once (the gathered keys and queries take 2 * 4 * D bytes per pair).
+RESCORE_BATCH = 8192
 
 
 @torch.no_grad()
@@ -59,7 +62,7 @@ def nearest_neighbours(
     queries: Tensor,
     keys: Tensor,
     key_mask: Tensor | None = None,
-    chunk_size: int = 65536,
+    chunk_size: int = 8192,
     normalize_keys: bool = True,
     *,
     screening: Screening = "auto",
@@ -137,44 +140,27 @@ def _key_chunks(keys: Tensor, key_mask: Tensor | None, chunk_size: int) -> Itera
             yield chunk, index
 
 
-def _float32_search(
-    unit_queries: Tensor, keys: Tensor, key_mask: Tensor | None, chunk_size: int, normalize_keys: bool
-) -> tuple[Tensor, Tensor]:
-    """Plain chunked float32 search with a running max/argmax (earlier chunks win ties)."""
-    num_queries = unit_queries.shape[0]
-    best = unit_queries.new_full((num_queries,), -math.inf)
-    index = torch.full((num_queries,), -1, dtype=torch.int64, device=unit_queries.device)
-    if num_queries == 0:
-        return best, index
-    for chunk, chunk_index in _key_chunks(keys, key_mask, chunk_size):
-        if normalize_keys:
-            chunk = F.normalize(chunk, dim=1, eps=NORMALIZE_EPS)
-        similarity, argmax = (unit_queries @ chunk.T).max(dim=1)  # (n, c) -> (n,)
-        better = similarity > best
-        best = torch.where(better, similarity, best)
-        index = torch.where(better, chunk_index[argmax], index)
-    return best, index
-
-
-def screening_tolerance(unit_queries: Tensor) -> Tensor:
-    """Width of the band below the screened maximum that can still hold the float32 maximum.
+def screening_margin(unit_queries: Tensor) -> Tensor:
+    """Bound on the error of the bfloat16 screened score of a unit key, per query.
 
     With ``q`` a float32 unit query, ``k`` a float32 unit key, ``q_b``/``k_b`` their bfloat16
-    roundings (``|k_b - k| <= u_b |k|``, ``u_b = 2^-8``), the GEMM accumulating exact bf16 products
-    in float32 (error ``<= gamma_D |q_b| |k_b|``, ``gamma_D = D u / (1 - D u)``, ``u = 2^-24``) and
-    rounding its output to bfloat16 once (``<= u_b |acc|``), the screened score ``s`` satisfies
-    ``|s - <q, k>| <= beta`` with (Cauchy-Schwarz on each rounding term, ``N = (1 + u_b)(1 + slack)``)::
+    roundings (``|k_b - k| <= u_b |k|``, ``u_b = 2^-8``), the GEMM accumulating the exact bf16
+    products in float32 (error ``<= gamma_D |q_b| |k_b|``, ``gamma_D = D u / (1 - D u)``,
+    ``u = 2^-24``) and rounding its output to bfloat16 once (``<= u_b |acc|``), Cauchy-Schwarz on each
+    rounding term gives ``|s - <q, k>| <= beta`` for the screened score ``s``, with
+    ``N = (1 + u_b)(1 + slack)`` bounding the norms::
 
         beta = u_b N^2 (1 + gamma_D) + gamma_D N^2 + N (u_b N + slack) + N |q - q_b|
 
-    A float32 dot product is within ``gamma_D N^2`` of ``<q, k>``, so the float32 argmax has a
-    screened score ``>= max s - 2 beta - 2 gamma_D N^2``.
+    Any float32 evaluation ``r`` of ``<q, k>`` is within ``gamma_D N^2`` of it, so two of them differ
+    by at most ``2 gamma_D N^2``. The returned ``margin = beta + 3 gamma_D N^2`` is what the screen
+    needs: see ``_Screen.threshold`` (about 0.0097 at D = 384).
 
     Args:
         unit_queries: ``(n, D)`` float32 L2-normalised queries.
 
     Returns:
-        ``(n,)`` float32 tolerance (about 0.02).
+        ``(n,)`` float32 margins.
     """
     dim = unit_queries.shape[1]
     gamma = dim * FP32_UNIT_ROUNDOFF / (1.0 - dim * FP32_UNIT_ROUNDOFF)
@@ -184,113 +170,169 @@ def screening_tolerance(unit_queries: Tensor) -> Tensor:
         BF16_UNIT_ROUNDOFF * norm_bound**2 * (1.0 + gamma)
         + gamma * norm_bound**2
         + norm_bound * (BF16_UNIT_ROUNDOFF * norm_bound + NORMALIZATION_SLACK)
-        + norm_bound * query_rounding * (1.0 + 4.0 * FP32_UNIT_ROUNDOFF * dim)
+        + norm_bound * query_rounding
     )
-    # 1 % headroom covers the float32 evaluation of this bound itself.
-    return (2.0 * beta + 2.0 * gamma * norm_bound**2) * 1.01
+    # 1 % headroom covers the float32 evaluation of the bound itself.
+    return (beta + 3.0 * gamma * norm_bound**2) * 1.01
 
 
 @dataclass
-class _Candidates:
-    """Running state of the bfloat16 screen: per-query running max and candidate (query, key) pairs."""
+class _RunningBest:
+    """Best float32 similarity and key index per query over the chunks seen so far."""
 
-    running_max: Tensor  # (n,) float32 largest screened score so far
-    tolerance: Tensor  # (n,) float32 band width (screening_tolerance)
-    count: Tensor  # (n,) int64 candidate keys stored per query
-    fallback: Tensor  # (n,) bool queries over budget, searched in float32 instead
-    query: list[Tensor] = field(default_factory=list)  # (P,) int64 per chunk
-    key: list[Tensor] = field(default_factory=list)  # (P,) int64
-    score: list[Tensor] = field(default_factory=list)  # (P,) float32 screened scores
+    similarity: Tensor  # (n,) float32, -inf before any key
+    index: Tensor  # (n,) int64, -1 before any key
+
+    @classmethod
+    def empty(cls, unit_queries: Tensor) -> _RunningBest:
+        num_queries = unit_queries.shape[0]
+        similarity = unit_queries.new_full((num_queries,), -math.inf)
+        return cls(similarity, torch.full((num_queries,), -1, dtype=torch.int64, device=unit_queries.device))
+
+    def update(self, query: Tensor, key: Tensor, similarity: Tensor) -> None:
+        """Merge (query, key, similarity) pairs of keys after all keys seen so far.
+
+        The smallest key index wins a tie, within the pairs and against earlier chunks.
+        """
+        if query.numel() == 0:
+            return
+        best = similarity.new_full(self.similarity.shape, -math.inf).scatter_reduce(0, query, similarity, "amax")
+        is_best = similarity == best[query]
+        no_key = torch.iinfo(torch.int64).max
+        index = torch.full_like(self.index, no_key).scatter_reduce(0, query[is_best], key[is_best], "amin")
+        better = best > self.similarity
+        self.similarity = torch.where(better, best, self.similarity)
+        self.index = torch.where(better, index, self.index)
+
+
+def _float32_search(
+    unit_queries: Tensor, keys: Tensor, key_mask: Tensor | None, chunk_size: int, normalize_keys: bool
+) -> tuple[Tensor, Tensor]:
+    """Plain chunked float32 search with a running max/argmax (earlier chunks win ties)."""
+    running = _RunningBest.empty(unit_queries)
+    if unit_queries.shape[0] == 0:
+        return running.similarity, running.index
+    for chunk, chunk_index in _key_chunks(keys, key_mask, chunk_size):
+        unit_keys = F.normalize(chunk, dim=1, eps=NORMALIZE_EPS) if normalize_keys else chunk
+        similarity, argmax = (unit_queries @ unit_keys.T).max(dim=1)  # (n, c) -> (n,)
+        better = similarity > running.similarity
+        running.similarity = torch.where(better, similarity, running.similarity)
+        running.index = torch.where(better, chunk_index[argmax], running.index)
+    return running.similarity, running.index
+
+
+@dataclass
+class _Screen:
+    """Per-search constants and running state of the bfloat16 screen."""
+
+    unit_queries: Tensor  # (n, D) float32
+    query_bf16: Tensor  # (n, D) bfloat16
+    margin: Tensor  # (n,) float32, screening_margin
+    screen_max: Tensor  # (n,) float32 largest screened score so far
+    best: _RunningBest
+    buffer: Tensor  # (chunk_size, D) bfloat16 scratch for the unit keys
 
     def threshold(self) -> Tensor:
-        """``(n,)`` screened score a key needs to stay a candidate (``+inf`` for fallback queries)."""
-        threshold = self.running_max - self.tolerance
-        return threshold.masked_fill(self.fallback, math.inf)
+        """``(n,)`` screened score a key needs to possibly be the float32 argmax.
 
-    def prune(self) -> None:
-        """Drop stored pairs that fell out of the band as the running max rose."""
-        if not self.query:
-            return
-        query, key, score = torch.cat(self.query), torch.cat(self.key), torch.cat(self.score)
-        keep = score >= self.threshold()[query]
-        self.query, self.key, self.score = [query[keep]], [key[keep]], [score[keep]]
-        self.count = torch.bincount(query[keep], minlength=self.count.numel())
+        With ``m`` the margin, ``beta`` the screen error and ``g = gamma_D N^2``: the float32 argmax
+        ``k*`` has ``s(k*) >= r(k*) - g - beta``, and ``r(k*) >= r(j)`` for every key ``j``. Taking
+        for ``j`` the best rescored key (``r(j) >= best - 2 g``) gives ``s(k*) >= best - m``; taking
+        the screen's argmax (``r(j) >= s_max - beta - g``) gives ``s(k*) >= s_max - 2 m``.
+        """
+        lower_bound = torch.maximum(self.best.similarity, self.screen_max - self.margin)
+        return lower_bound - self.margin
 
 
-def _screen_chunk(state: _Candidates, query_bf16: Tensor, chunk_bf16: Tensor, chunk_index: Tensor) -> None:
-    """Screen one chunk of bfloat16 unit keys and store its candidate pairs in ``state``."""
-    num_keys, num_queries = chunk_bf16.shape[0], query_bf16.shape[0]
-    scores = chunk_bf16 @ query_bf16.T  # (c, n) bfloat16, float32 accumulation
+def _screen_chunk(screen: _Screen, chunk: Tensor, chunk_index: Tensor) -> None:
+    """Screen one chunk in bfloat16, then rescore its candidates in float32 while it is in cache."""
+    num_keys, num_queries = chunk.shape[0], screen.unit_queries.shape[0]
+    norm = chunk.norm(2, 1, keepdim=True).clamp_min_(NORMALIZE_EPS)  # (c, 1), exactly as F.normalize
+    chunk_bf16 = torch.div(chunk, norm, out=screen.buffer[:num_keys])  # rounded once to bfloat16
+    scores = chunk_bf16 @ screen.query_bf16.T  # (c, n) bfloat16, float32 accumulation
     full = num_keys - num_keys % SCREEN_BLOCK
     block_max = scores[:full].view(-1, SCREEN_BLOCK, num_queries).amax(1)  # (c / block, n)
     if full < num_keys:
         block_max = torch.cat([block_max, scores[full:].amax(0, keepdim=True)])
-    torch.maximum(state.running_max, block_max.amax(0).float(), out=state.running_max)
-    hot = block_max >= state.threshold()  # (blocks, n)
-    new_count = hot.sum(0) * SCREEN_BLOCK
-    if bool((state.count + new_count > MAX_CANDIDATES_PER_QUERY).any()):
-        state.prune()
-        over = state.count + new_count > MAX_CANDIDATES_PER_QUERY
-        state.fallback |= over
-        hot[:, over] = False
-    block, query = hot.nonzero(as_tuple=True)
-    rows = block[:, None] * SCREEN_BLOCK + torch.arange(SCREEN_BLOCK, device=block.device)  # (P, block)
-    in_chunk = rows < num_keys
-    rows = rows.clamp_max(num_keys - 1)
-    values = scores[rows, query[:, None]].float()
-    pair, offset = ((values >= state.threshold()[query][:, None]) & in_chunk).nonzero(as_tuple=True)
-    state.query.append(query[pair])
-    state.key.append(chunk_index[rows[pair, offset]])
-    state.score.append(values[pair, offset])
-    state.count += torch.bincount(query[pair], minlength=num_queries)
+    chunk_max = block_max.amax(0).float()  # (n,)
+    torch.maximum(screen.screen_max, chunk_max, out=screen.screen_max)
+    _rescore_chunk_tops(screen, chunk, norm, chunk_index, scores, block_max, chunk_max)
+    threshold = screen.threshold()
+    block, query = (block_max >= threshold).nonzero(as_tuple=True)  # (P,) block-major
+    rows = _block_rows(block, num_keys)  # (P, block)
+    pair, offset = (scores[rows, query[:, None]].float() >= threshold[query][:, None]).nonzero(as_tuple=True)
+    query, row = query[pair], rows[pair, offset]
+    if query.numel() * RESCORE_COST_RATIO > num_keys * num_queries:
+        _rescore_chunk_dense(screen, chunk, norm, chunk_index, torch.unique(query))
+    else:
+        _rescore_pairs(screen, chunk, norm, chunk_index, query, row)
 
 
-def _rescore(unit_queries: Tensor, keys: Tensor, query: Tensor, key: Tensor) -> Tensor:
-    """``(P,)`` float32 cosine similarity of candidate pairs, keys normalised as in the float32 search."""
-    similarity = unit_queries.new_empty(query.shape)
+def _rescore_chunk_tops(
+    screen: _Screen,
+    chunk: Tensor,
+    norm: Tensor,
+    chunk_index: Tensor,
+    scores: Tensor,
+    block_max: Tensor,
+    chunk_max: Tensor,
+) -> None:
+    """Rescore the chunk's screened best key of the queries whose lower bound it may raise.
+
+    Where ``chunk_max - margin`` exceeds the best rescored similarity, the threshold would rest on
+    the screen's bound; the top key's float32 similarity is usually close to ``chunk_max`` (the screen's
+    errors are far below the margin), so rescoring it first about halves the band of candidates.
+    """
+    query = (chunk_max - screen.margin > screen.best.similarity).nonzero().squeeze(1)  # (q,)
+    if query.numel() == 0:
+        return
+    top_rows = _block_rows(block_max[:, query].argmax(0), chunk.shape[0])  # (q, block)
+    top_row = top_rows.gather(1, scores[top_rows, query[:, None]].argmax(1, keepdim=True)).squeeze(1)
+    _rescore_pairs(screen, chunk, norm, chunk_index, query, top_row)
+
+
+def _block_rows(block: Tensor, num_keys: int) -> Tensor:
+    """``(P, SCREEN_BLOCK)`` rows of the given blocks; rows past the chunk repeat its last row."""
+    rows = block[:, None] * SCREEN_BLOCK + torch.arange(SCREEN_BLOCK, device=block.device)
+    return rows.clamp_max(num_keys - 1)
+
+
+def _rescore_pairs(
+    screen: _Screen, chunk: Tensor, norm: Tensor, chunk_index: Tensor, query: Tensor, row: Tensor
+) -> None:
+    """Float32 similarities of (query, chunk row) pairs, merged into the running best.
+
+    Pairs go by batches of ``RESCORE_BATCH`` so that the gathered keys stay small.
+    """
+    similarity = torch.empty_like(query, dtype=torch.float32)
     for start in range(0, query.numel(), RESCORE_BATCH):
-        stop = start + RESCORE_BATCH
-        unit_keys = F.normalize(keys[key[start:stop]].float(), dim=1, eps=NORMALIZE_EPS)
-        similarity[start:stop] = (unit_keys * unit_queries[query[start:stop]]).sum(1)
-    return similarity
+        batch = slice(start, start + RESCORE_BATCH)
+        unit_keys = chunk[row[batch]] / norm[row[batch]]  # the float32 unit keys of F.normalize, bit for bit
+        similarity[batch] = (unit_keys * screen.unit_queries[query[batch]]).sum(1)
+    screen.best.update(query, chunk_index[row], similarity)
 
 
-def _best_per_query(num_queries: int, query: Tensor, key: Tensor, similarity: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-query max of ``similarity`` over pairs, ties to the smallest key; ``(-inf, -1)`` if none."""
-    best = similarity.new_full((num_queries,), -math.inf).scatter_reduce(0, query, similarity, "amax")
-    is_best = similarity == best[query]
-    no_key = torch.iinfo(torch.int64).max
-    index = torch.full((num_queries,), no_key, dtype=torch.int64, device=query.device)
-    index = index.scatter_reduce(0, query[is_best], key[is_best], "amin")
-    return best, index.masked_fill(index == no_key, -1)
+def _rescore_chunk_dense(screen: _Screen, chunk: Tensor, norm: Tensor, chunk_index: Tensor, queries: Tensor) -> None:
+    """Float32 similarities of a whole chunk for some queries (when most pairs are candidates)."""
+    similarity, argmax = (screen.unit_queries[queries] @ (chunk / norm).T).max(dim=1)
+    screen.best.update(queries, chunk_index[argmax], similarity)
 
 
 def _screened_search(
     unit_queries: Tensor, keys: Tensor, key_mask: Tensor | None, chunk_size: int
 ) -> tuple[Tensor, Tensor]:
-    """bfloat16 screen over all keys, float32 rescoring of the candidates, float32 fallback."""
-    num_queries = unit_queries.shape[0]
-    state = _Candidates(
-        running_max=unit_queries.new_full((num_queries,), -math.inf),
-        tolerance=screening_tolerance(unit_queries),
-        count=torch.zeros(num_queries, dtype=torch.int64, device=unit_queries.device),
-        fallback=torch.zeros(num_queries, dtype=torch.bool, device=unit_queries.device),
+    """bfloat16 screen of every chunk with float32 rescoring of the candidates (exact result)."""
+    screen = _Screen(
+        unit_queries=unit_queries,
+        query_bf16=unit_queries.bfloat16(),
+        margin=screening_margin(unit_queries),
+        screen_max=unit_queries.new_full((unit_queries.shape[0],), -math.inf),
+        best=_RunningBest.empty(unit_queries),
+        buffer=unit_queries.new_empty((min(chunk_size, keys.shape[0]), keys.shape[1]), dtype=torch.bfloat16),
     )
-    query_bf16 = unit_queries.bfloat16()
-    buffer = unit_queries.new_empty((min(chunk_size, keys.shape[0]), keys.shape[1]), dtype=torch.bfloat16)
     for chunk, chunk_index in _key_chunks(keys, key_mask, chunk_size):
-        inverse_norm = torch.linalg.vector_norm(chunk, dim=1).clamp_min_(NORMALIZE_EPS).reciprocal_()
-        chunk_bf16 = torch.mul(chunk, inverse_norm[:, None], out=buffer[: chunk.shape[0]])
-        _screen_chunk(state, query_bf16, chunk_bf16, chunk_index)
-    state.prune()
-    empty = torch.zeros(0, dtype=torch.int64, device=unit_queries.device)
-    query, key = (state.query[0], state.key[0]) if state.query else (empty, empty)
-    similarity = _rescore(unit_queries, keys, query, key)
-    best, index = _best_per_query(num_queries, query, key, similarity)
-    if bool(state.fallback.any()):
-        fallback = state.fallback.nonzero().squeeze(1)
-        best[fallback], index[fallback] = _float32_search(unit_queries[fallback], keys, key_mask, chunk_size, True)
-    return best, index
+        _screen_chunk(screen, chunk, chunk_index)
+    return screen.best.similarity, screen.best.index
 
 
 @dataclass
@@ -311,7 +353,7 @@ class CrossImageMatches:
 
 @torch.no_grad()
 def match_objects(
-    objects: Tensor, bank: ObjectMemoryBank, chunk_size: int = 65536, *, screening: Screening = "auto"
+    objects: Tensor, bank: ObjectMemoryBank, chunk_size: int = 8192, *, screening: Screening = "auto"
 ) -> CrossImageMatches:
     """Retrieve each object's nearest stored neighbour per view and check cycle consistency.
 

@@ -565,10 +565,10 @@ def step_log(terms: dict[str, Tensor], teacher: TeacherOutput, values: StepValue
     """The authors' log keys for one step: d_loss, s_loss, nn_loss, r_cnt, bootstrap_centroid_ratio, lr, wd."""
     n = max(teacher.objects.shape[0], 1)
     return {
-        "loss": float(terms["loss"]),
-        "d_loss": float(terms["global"]),
-        "s_loss": float(terms["object"]),
-        "nn_loss": float(terms["cross_image"]),
+        "loss": float(terms["loss"].detach()),
+        "d_loss": float(terms["global"].detach()),
+        "s_loss": float(terms["object"].detach()),
+        "nn_loss": float(terms["cross_image"].detach()),
         "r_cnt": float(teacher.objects_per_image.float().mean()),
         "bootstrap_centroid_ratio": float(teacher.cycle_mask.float().sum()) / (2 * n),
         "lr": values.lr,
@@ -632,8 +632,8 @@ def save_checkpoint(trainer: Trainer, output_dir: Path, snapshot: bool = False) 
         checkpoint.atomic_save(state, output_dir / f"checkpoint{trainer.epoch:04d}.pth")
 
 
-def run_epoch(trainer: Trainer, output_dir: Path, progress: Any, stop_at: int) -> bool:
-    """Train from the current position to the end of the epoch (or ``stop_at``); True if stopped early."""
+def run_epoch(trainer: Trainer, output_dir: Path, progress: Any, stop_at: int) -> None:
+    """Train from the current position to the end of the epoch, or to global step ``stop_at``."""
     cfg = trainer.config.run
     trainer.sampler.set_position(trainer.epoch, trainer.step - trainer.epoch * trainer.iters_per_epoch)
     means = RunningMeans()
@@ -658,14 +658,11 @@ def run_epoch(trainer: Trainer, output_dir: Path, progress: Any, stop_at: int) -
         if trainer.step % cfg.log_every == 0:
             write_log_line(trainer, means.flush(), output_dir)
         if trainer.step >= stop_at:
-            if means.count:
-                write_log_line(trainer, means.flush(), output_dir)
-            return True
+            break
         if cfg.checkpoint_every and trainer.step % cfg.checkpoint_every == 0:
             save_checkpoint(trainer, output_dir)
     if means.count:
         write_log_line(trainer, means.flush(), output_dir)
-    return False
 
 
 @dataclass(frozen=True)
@@ -705,11 +702,11 @@ def fit(trainer: Trainer, progress_bar: bool = True) -> TrainResult:
     try:
         while trainer.step < stop_at:
             trainer.epoch = trainer.step // trainer.iters_per_epoch
-            stopped = run_epoch(trainer, output_dir, progress, stop_at)
-            if not stopped:
-                trainer.epoch = trainer.step // trainer.iters_per_epoch
+            run_epoch(trainer, output_dir, progress, stop_at)
+            epoch_done = trainer.step % trainer.iters_per_epoch == 0
+            trainer.epoch = trainer.step // trainer.iters_per_epoch
             freq = config.run.saveckp_freq
-            save_checkpoint(trainer, output_dir, snapshot=bool(freq) and not stopped and trainer.epoch % freq == 0)
+            save_checkpoint(trainer, output_dir, snapshot=epoch_done and bool(freq) and trainer.epoch % freq == 0)
     finally:
         if progress is not None:
             progress.close()

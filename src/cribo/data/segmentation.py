@@ -37,10 +37,11 @@ from PIL import Image
 from torch import Tensor
 from torchvision.transforms import InterpolationMode
 
+from cribo.data.folder import IMAGE_EXTENSIONS, to_rgb
+
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = 255  # label that no metric or loss counts (VOC borders; ADE20K "other" after remapping)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff")
 
 # Pascal VOC 2012: 20 object classes + background (the devkit's order).
@@ -160,11 +161,16 @@ def check_mask(mask: np.ndarray, image_size: tuple[int, int], num_classes: int, 
         )
 
 
-def load_rgb(path: Path) -> Image.Image:
-    """Open an image as RGB, with a ValueError naming the file when it cannot be read."""
+def load_image(path: Path) -> Image.Image:
+    """Open an image as 8-bit RGB (``cribo.data.folder.to_rgb`` conversions), with a ValueError naming the file.
+
+    Unlike ``cribo.data.folder.load_rgb`` the EXIF orientation is NOT applied: label masks are stored in the
+    raw pixel orientation of their image, so rotating only the image would misalign the pair.
+    """
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            image.load()
+            return to_rgb(image)
     except OSError as error:
         raise ValueError(f"{path}: cannot read the image ({error})") from error
 
@@ -207,7 +213,7 @@ class _FileSegmentation:
         return labels
 
     def __getitem__(self, index: int) -> tuple[Image.Image, np.ndarray]:
-        image = load_rgb(self.images[index])
+        image = load_image(self.images[index])
         mask = self._remap(read_label_mask(self.masks[index], self.allow_rgb_palette), self.masks[index])
         check_mask(mask, image.size, self.num_classes, self.masks[index])
         return image, mask

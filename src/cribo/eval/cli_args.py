@@ -1,9 +1,9 @@
 """Argparse builder for ``cribo eval {nn,linear,finetune}``: one flag per field of the option dataclasses.
 
 Field ``input_size`` becomes ``--input-size`` (``--input_size`` is accepted too); booleans get
-``--flag/--no-flag``; ``Literal`` fields get choices; tuple fields take several values (fractions may be written
-``1/128``). The lead's ``cli.py`` calls ``add_eval_parser(commands)``; each sub-command's ``func`` runs the
-evaluation, writes the table to stdout and returns the exit code.
+``--flag/--no-flag`` (hyphens only); ``Literal`` fields get choices; tuple fields take several values
+(fractions may be written ``1/128``). The lead's ``cli.py`` calls ``add_eval_parser(commands)``; each
+sub-command's ``func`` runs the evaluation, writes the table to stdout and returns the exit code.
 """
 
 from __future__ import annotations
@@ -70,10 +70,10 @@ def add_option_arguments(parser: argparse.ArgumentParser, options_type: type[Eva
     """One flag per dataclass field of ``options_type`` (default and help from the field)."""
     hints = typing.get_type_hints(options_type)
     for item in dataclasses.fields(options_type):
-        flags = [f"--{item.name.replace('_', '-')}"]
-        if "_" in item.name:
-            flags.append(f"--{item.name}")
         kwargs = _flag_kwargs(item.name, hints[item.name])
+        flags = [f"--{item.name.replace('_', '-')}"]
+        if "_" in item.name and hints[item.name] is not bool:
+            flags.append(f"--{item.name}")  # the authors' underscore spelling (e.g. --patch_size) also works
         help_text = item.metadata.get("help", "")
         if item.name in REQUIRED:
             parser.add_argument(*flags, dest=item.name, required=True, help=help_text, **kwargs)
@@ -109,7 +109,7 @@ def add_eval_parser(commands: Any) -> argparse.ArgumentParser:
         sub = evaluations.add_parser(
             name,
             help=help_text,
-            description=f"cribo eval {name}: {help_text}. {options_type.__doc__ or ''}",
+            description=f"cribo eval {name}: {help_text} (see PROTOCOLS.md); results go to a JSON file.",
         )
         add_option_arguments(sub, options_type)
         sub.set_defaults(func=command_eval)

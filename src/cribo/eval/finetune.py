@@ -134,7 +134,7 @@ class FinetuneConfig:
     """Fine-tuning settings."""
 
     input_size: int
-    steps: int = 100
+    steps: int = 50
     batch_size: int = 8
     lr: float = 1e-4  # backbone AdamW learning rate
     decoder_lr: float = 1e-3

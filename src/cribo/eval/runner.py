@@ -169,7 +169,7 @@ class LinearEvalOptions(EvalOptions):
 class FinetuneEvalOptions(EvalOptions):
     """``cribo eval finetune``: backbone and decoder trained together."""
 
-    steps: int = field(default=100, metadata=describe("training steps"))
+    steps: int = field(default=50, metadata=describe("training steps"))
     train_batch_size: int = field(default=8, metadata=describe("images per step"))
     lr: float = field(default=1e-4, metadata=describe("backbone AdamW learning rate (polynomial decay)"))
     decoder_lr: float = field(default=1e-3, metadata=describe("decoder AdamW learning rate"))
