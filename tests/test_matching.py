@@ -71,9 +71,10 @@ def test_chunked_search_equals_dense(screening: str, chunk_size: int) -> None:
         torch.testing.assert_close(best, expected_best, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("num_queries", [1, 40])
 @pytest.mark.parametrize("kind", ["gaussian", "uniform", "near_duplicates", "clustered", "ties"])
-def test_screened_search_equals_dense(kind: str) -> None:
-    queries, keys = make_data(kind, 40, 6000, 64, seed=1)
+def test_screened_search_equals_dense(kind: str, num_queries: int) -> None:
+    queries, keys = make_data(kind, num_queries, 6000, 64, seed=1)
     key_mask = torch.ones(keys.shape[0], dtype=torch.bool)
     key_mask[1000:2500] = False  # whole chunks invalid
     key_mask[7::3] = False

@@ -11,10 +11,13 @@ similarity matrix nor a normalised copy of the keys: it walks over chunks of key
 running max/argmax (first index wins on ties, as ``argmax``/``topk``). On CPU it screens the
 keys with a bfloat16 matrix product first and rescores the few keys that can still be the
 float32 maximum (see :func:`screening_margin`): the result is the one of the float32 search
-(same indices; similarities within float32 rounding), about twice as fast. The bound assumes what
+(same indices; similarities within float32 rounding), 2 to 2.5 times faster. The bound assumes what
 oneDNN documents for bfloat16 matmuls on CPU (float32 accumulation, one final rounding);
 ``tests/test_matching.py`` checks it on the machine that runs the tests. Other devices use the
 plain float32 search.
+
+Ties go to the smallest flat slot index of the bank, not to the authors' newest-first queue order;
+they need two stored objects with exactly the same direction, which real features do not give.
 
 Axis letters: V views, n query objects (the current batch, all images), M keys (bank slots),
 D dim, c keys in a chunk, P candidate (query, key) pairs.

@@ -287,8 +287,7 @@ def build_trainer(config: TrainConfig) -> Trainer:
     """Construct networks, loss, bank, optimiser, data and schedules from the configuration."""
     device = resolve_device(config.run.device)
     world, rank = distributed.world_size(), distributed.rank()
-    torch.manual_seed(config.run.seed + rank)
-    np.random.seed(config.run.seed + rank)
+    torch.manual_seed(config.run.seed)  # identical initial weights on every process
     student = build_network(config, config.model.drop_path_rate, config.model.norm_last_layer).to(device)
     teacher = build_network(config, 0.0, True).to(device)
     teacher.load_state_dict(student.state_dict())
@@ -297,6 +296,8 @@ def build_trainer(config: TrainConfig) -> Trainer:
     if distributed.is_enabled():
         device_ids = [device.index] if device.type == "cuda" else None
         student_step = nn.parallel.DistributedDataParallel(student_step, device_ids=device_ids)
+    torch.manual_seed(config.run.seed + rank)  # from here on (drop-path), each process draws its own stream
+    np.random.seed(config.run.seed + rank)
     semantics = config.method.semantics
     criterion = CrIBoLoss(
         config.model.out_dim,
@@ -548,7 +549,7 @@ def train_step(trainer: Trainer, batch: Batch) -> dict[str, float]:
     )
     loss = terms["loss"]
     if not torch.isfinite(loss):
-        details = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items() if v.numel() == 1)
+        details = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items() if v.numel() == 1)
         raise NonFiniteLossError(
             f"non-finite loss at epoch {trainer.epoch} step {trainer.step} ({details}); stopping. The last "
             "checkpoint on disk is intact; try a lower --lr, --clip_grad 3.0 or --precision fp32"
