@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import cast
 
 import pytest
 import torch
@@ -14,13 +15,14 @@ from conftest import load_fixture
 from cribo.matching import (
     FP32_UNIT_ROUNDOFF,
     MIN_KEYS_TO_SCREEN,
+    Screening,
     match_objects,
     nearest_neighbours,
     screening_margin,
 )
 from cribo.memory import ObjectMemoryBank
 
-SCREENINGS = ["none", "bf16"]
+SCREENINGS: list[Screening] = ["none", "bf16"]
 
 
 def dense_nearest_neighbours(
@@ -60,11 +62,11 @@ def make_data(kind: str, num_queries: int, num_keys: int, dim: int, seed: int) -
 
 @pytest.mark.parametrize("screening", SCREENINGS)
 @pytest.mark.parametrize("chunk_size", [1, 7, 60, 61, 1000])
-def test_chunked_search_equals_dense(screening: str, chunk_size: int) -> None:
+def test_chunked_search_equals_dense(screening: Screening, chunk_size: int) -> None:
     queries, keys = make_data("gaussian", 9, 61, 12, seed=chunk_size)
     key_mask = torch.rand(61, generator=torch.Generator().manual_seed(0)) > 0.3
     for mask in (None, key_mask):
-        best, index = nearest_neighbours(queries, keys, mask, chunk_size, screening=screening)  # type: ignore[arg-type]
+        best, index = nearest_neighbours(queries, keys, mask, chunk_size, screening=screening)
         expected_best, expected_index = dense_nearest_neighbours(queries, keys, mask)
         assert index.dtype == torch.int64 and best.dtype == torch.float32
         assert torch.equal(index, expected_index)
@@ -98,9 +100,25 @@ def test_screened_search_with_all_keys_tied() -> None:
     keys[3000] *= 2.0  # same direction: still a tie in cosine
     queries = torch.randn(5, 16)
     for screening in SCREENINGS:
-        _, index = nearest_neighbours(queries, keys, chunk_size=1024, screening=screening)  # type: ignore[arg-type]
+        _, index = nearest_neighbours(queries, keys, chunk_size=1024, screening=screening)
         assert torch.equal(index, dense_nearest_neighbours(queries, keys)[1])
         assert torch.equal(index, torch.zeros(5, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("screening", SCREENINGS)
+def test_keys_closer_than_float32_resolution(screening: Screening) -> None:
+    """All keys within 1e-5 of one direction: bfloat16 cannot tell them apart and float32 barely can.
+
+    Any order of the float32 sums may then pick another near-tied key (the chunked float32 search as
+    well); the guarantee is that the chosen key is within float32 rounding of the dense maximum.
+    """
+    generator = torch.Generator().manual_seed(4)
+    keys = torch.randn(1, 32, generator=generator) + 1e-5 * torch.randn(3000, 32, generator=generator)
+    queries = keys[:20] + 1e-6 * torch.randn(20, 32, generator=generator)
+    _, index = nearest_neighbours(queries, keys, chunk_size=256, screening=screening)
+    similarity = F.normalize(queries, dim=1) @ F.normalize(keys, dim=1).T
+    chosen = similarity.gather(1, index[:, None]).squeeze(1)
+    assert bool((chosen >= similarity.max(dim=1).values - 1e-6).all())
 
 
 @pytest.mark.parametrize("dim", [3, 64, 384, 1000])
@@ -130,7 +148,7 @@ def test_no_valid_key_gives_minus_one() -> None:
     queries, keys = make_data("gaussian", 4, 20, 8, seed=0)
     for screening in SCREENINGS:
         for mask_keys, mask in ((keys, torch.zeros(20, dtype=torch.bool)), (keys[:0], None)):
-            best, index = nearest_neighbours(queries, mask_keys, mask, screening=screening)  # type: ignore[arg-type]
+            best, index = nearest_neighbours(queries, mask_keys, mask, screening=screening)
             assert torch.equal(index, torch.full((4,), -1)) and bool(torch.isneginf(best).all())
 
 
@@ -145,10 +163,10 @@ def test_zero_queries_and_raw_keys() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("screening", SCREENINGS)
-def test_half_precision_queries_are_searched_in_float32(dtype: torch.dtype, screening: str) -> None:
+def test_half_precision_queries_are_searched_in_float32(dtype: torch.dtype, screening: Screening) -> None:
     queries, keys = make_data("near_duplicates", 16, 400, 32, seed=3)
     queries = queries.to(dtype)
-    best, index = nearest_neighbours(queries, keys, chunk_size=64, screening=screening)  # type: ignore[arg-type]
+    best, index = nearest_neighbours(queries, keys, chunk_size=64, screening=screening)
     expected_best, expected_index = dense_nearest_neighbours(queries.float(), keys)
     assert best.dtype == torch.float32 and torch.equal(index, expected_index)
     torch.testing.assert_close(best, expected_best, atol=1e-6, rtol=0)
@@ -163,7 +181,7 @@ def test_search_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):
         nearest_neighbours(queries, keys, chunk_size=0)
     with pytest.raises(ValueError, match="screening must be one of"):
-        nearest_neighbours(queries, keys, screening="fp8")  # type: ignore[arg-type]
+        nearest_neighbours(queries, keys, screening=cast(Screening, "fp8"))
     with pytest.raises(ValueError, match="only exact on CPU"):
         nearest_neighbours(queries.to("meta"), keys.to("meta"), screening="bf16")
 
@@ -179,10 +197,10 @@ def bank_from_views(view_entries: list[Tensor], max_objects_per_image: int = 1) 
 
 
 @pytest.mark.parametrize("screening", SCREENINGS)
-def test_hand_computed_cycles(screening: str) -> None:
+def test_hand_computed_cycles(screening: Screening) -> None:
     bank = bank_from_views([torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0, 0.0], [1.0, 0.1]])])
     objects = torch.tensor([[[1.0, 0.1], [1.0, 0.0]], [[0.1, 1.0], [0.0, 1.0]]])  # (n=2, V=2, D=2)
-    matches = match_objects(objects, bank, screening=screening)  # type: ignore[arg-type]
+    matches = match_objects(objects, bank, screening=screening)
     assert torch.equal(matches.index, torch.tensor([[0, 1], [0, 1]]))
     # view 1 -> slot 1 -> its view-2 entry (1, 0.1) returns to object 0, not 1
     assert torch.equal(matches.cycle_mask, torch.tensor([[True, False], [True, True]]))
@@ -190,7 +208,7 @@ def test_hand_computed_cycles(screening: str) -> None:
 
 
 @pytest.mark.parametrize("screening", SCREENINGS)
-def test_nn_retrieval_parity(reference: Path, screening: str) -> None:
+def test_nn_retrieval_parity(reference: Path, screening: Screening) -> None:
     """Three consecutive authors' calls: search, cycle masks, indices, then our push carries the state."""
     fixture = load_fixture(reference, "nn_retrieval.pt")
     bank: ObjectMemoryBank | None = None
@@ -200,7 +218,7 @@ def test_nn_retrieval_parity(reference: Path, screening: str) -> None:
                 call["centroids_queue_before"], call["cpv_queue_before"], fixture["n_tokens"]
             )
         objects = torch.stack([call["teacher_centroids_v1"], call["teacher_centroids_v2"]], dim=1)
-        matches = match_objects(objects, bank, screening=screening)  # type: ignore[arg-type]
+        matches = match_objects(objects, bank, screening=screening)
         expected = [
             (call["nn"], call["bootstrap_centroid_mask"], call["centroids_indices_knn_local1"]),
             (call["nn2"], call["bootstrap_centroid_mask2"], call["centroids_indices_knn_local2"]),
@@ -238,11 +256,11 @@ def swapped_views(bank: ObjectMemoryBank) -> ObjectMemoryBank:
 
 
 @pytest.mark.parametrize("screening", SCREENINGS)
-def test_cycle_consistency_is_symmetric_under_swapping_views(screening: str) -> None:
+def test_cycle_consistency_is_symmetric_under_swapping_views(screening: Screening) -> None:
     bank, objects = random_bank_and_objects(seed=5)
-    matches = match_objects(objects, bank, screening=screening)  # type: ignore[arg-type]
+    matches = match_objects(objects, bank, screening=screening)
     assert 0 < int(matches.cycle_mask.sum()) < matches.cycle_mask.numel()  # the test sees both outcomes
-    mirrored = match_objects(objects.flip(1), swapped_views(bank), screening=screening)  # type: ignore[arg-type]
+    mirrored = match_objects(objects.flip(1), swapped_views(bank), screening=screening)
     assert torch.equal(mirrored.cycle_mask, matches.cycle_mask.flip(0))
     assert torch.equal(mirrored.index, matches.index.flip(0))
     assert torch.equal(mirrored.neighbours, matches.neighbours.flip(0))
@@ -264,11 +282,11 @@ def test_matches_follow_their_definition() -> None:
 
 
 @pytest.mark.parametrize("screening", SCREENINGS)
-def test_empty_bank_gives_no_match(screening: str) -> None:
+def test_empty_bank_gives_no_match(screening: Screening) -> None:
     bank = ObjectMemoryBank(3, 2, 8)
     bank.counts.zero_()
     objects = torch.randn(5, 2, 8)
-    matches = match_objects(objects, bank, screening=screening)  # type: ignore[arg-type]
+    matches = match_objects(objects, bank, screening=screening)
     assert torch.equal(matches.index, torch.full((2, 5), -1))
     assert not bool(matches.cycle_mask.any())
     assert torch.equal(matches.neighbours, torch.zeros(2, 5, 8))

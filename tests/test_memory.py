@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -204,3 +205,16 @@ def test_push_parity_with_the_authors_queues(reference: Path) -> None:
         objects = torch.stack([call["teacher_centroids_v1"], call["teacher_centroids_v2"]], dim=1)
         bank.push(objects, call["centroids_per_view"])
         assert_same_live_rows(bank, call["centroids_queue_after"], call["cpv_queue_after"])
+
+
+def test_import_of_the_authors_checkpoint_queues(reference: Path) -> None:
+    """``centroids_queue_cpu`` / ``cpv_queue_cpu`` of an authors' checkpoint become an equal bank."""
+    path = reference / "checkpoint_vit_tiny.pth"
+    if not path.is_file():
+        pytest.fail(f"reference fixture {path} is missing")
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    checkpoint = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+    queue, counts = checkpoint["centroids_queue_cpu"], checkpoint["cpv_queue_cpu"]
+    bank = ObjectMemoryBank.from_authors_layout(queue, counts, checkpoint["args"].n_tokens)
+    assert bank.capacity == checkpoint["args"].queue_size and bank.dim == queue.shape[2]
+    assert_same_live_rows(bank, queue, counts)

@@ -104,7 +104,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path: Path, monkeyp
 
     def poisoned(self: Any, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         terms = original(self, *args, **kwargs)
-        terms["loss"] = terms["loss"] * float("nan")
+        terms["global"] = terms["global"] * float("nan")
         return terms
 
     monkeypatch.setattr(train_module.CrIBoLoss, "forward", poisoned)

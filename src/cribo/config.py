@@ -38,6 +38,8 @@ class ModelConfig:
     depth: int = 0  # 0 = the architecture's own depth; >0 builds a shallower ViT (tiny CPU runs)
     out_dim: int = 65536  # global ([CLS]) head output (authors' preset value)
     out_dim_c: int = 65536  # object head output (authors' preset value)
+    head_hidden_dim: int = 2048  # projection MLP width (authors' DINOHead)
+    head_bottleneck_dim: int = 256  # L2-normalised bottleneck before the last layers (authors' DINOHead)
     norm_last_layer: bool = False  # freeze the weight-norm gain of the student's last layers
     use_bn_in_head: bool = False
     drop_path_rate: float = 0.1  # stochastic depth (authors' default)
@@ -82,6 +84,9 @@ class LossConfig:
     student_temp: float = 0.1  # image-level; the authors' code ignores it and uses 0.1 (quirk 4)
     student_temp_c: float = 0.1
     center_momentum: float = 0.9
+    weight_global: float = 1.0  # weights of the three terms in the total (paper: all 1); ablations set 0
+    weight_object: float = 1.0
+    weight_cross_image: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -167,6 +167,8 @@ def build_network(config: TrainConfig, drop_path_rate: float, norm_last_layer: b
         backbone.embed_dim,
         config.model.out_dim,
         config.model.out_dim_c,
+        hidden_dim=config.model.head_hidden_dim,
+        bottleneck_dim=config.model.head_bottleneck_dim,
         use_bn=config.model.use_bn_in_head,
         norm_last_layer=norm_last_layer,
     )
@@ -312,7 +314,7 @@ def build_trainer(config: TrainConfig) -> Trainer:
     bank = ObjectMemoryBank(
         config.method.queue_size, config.method.n_tokens, student.backbone.embed_dim, generator=bank_generator
     ).to(device)
-    optimizer = torch.optim.AdamW(parameter_groups(student))
+    optimizer = torch.optim.AdamW(parameter_groups(student), foreach=True)
     amp_dtype = autocast_dtype(config.run.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     augmentation = TwoViewAugmentation(
@@ -547,7 +549,13 @@ def train_step(trainer: Trainer, batch: Batch) -> dict[str, float]:
         teacher_temp_c=values.teacher_temp_c,
         cross_image=values.cross_image,
     )
-    loss = terms["loss"]
+    weights = trainer.config.loss
+    loss = (
+        weights.weight_global * terms["global"]
+        + weights.weight_object * terms["object"]
+        + weights.weight_cross_image * terms["cross_image"]
+    )
+    terms["loss"] = loss
     if not torch.isfinite(loss):
         details = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items() if v.numel() == 1)
         raise NonFiniteLossError(

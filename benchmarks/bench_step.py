@@ -1,0 +1,733 @@
+"""One CrIBo training step: seconds, images/s, peak RSS and where the time goes; and the DINO floor.
+
+Configurations (issue 5, item 1), all fp32, 2 threads, drop-path 0.1, a bank of 2 000 images, epoch 1 (so the
+cross-image term is on), random image tensors and random patch positions of the right shape (no data loading):
+
+* A: ViT-Tiny/16, 224 px, batch 8, K 32, out_dim = out_dim_c = 65 536
+* B: ViT-Tiny/16, 96 px, batch 16, K 16, out_dim = out_dim_c = 4 096
+* C: ViT-S/16, 224 px, batch 4, K 32, out_dim = out_dim_c = 65 536
+
+Each configuration runs in its own fresh subprocess (peak RSS is per configuration). The time per step is the
+median of the library's own ``cribo.train.train_step`` after warm-up. The split comes from
+:func:`instrumented_step`, which calls the same library functions in the same order with a timer between them
+(see ``PHASE_MAP`` for how its phases map onto the authors' six phases). The DINO floor (item 3) is the same
+loop with CrIBo's own work removed: both views through teacher and student, the [CLS] head and DINO loss only,
+the optimiser step and the EMA; no clustering, no object head, no bank.
+
+Run ``python benchmarks/bench_step.py`` (full) or ``--quick`` (tiny settings, smoke test). Importing this
+module has no side effects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import common
+
+SCRIPT = Path(__file__).resolve()
+# The authors' source image size in the augmentation benchmark; positions are drawn on an image of this size.
+SOURCE_WH = (500, 375)
+POSITIONS_CROP_SCALE = (0.25, 1.0)  # global_crops_scale (authors)
+POSITIONS_CROP_RATIO = (3 / 4, 4 / 3)
+DROP_PATH_RATE = 0.1  # authors' pretraining value
+BANK_IMAGES = 2000  # bank size of the authors' step measurements (reference/README.md)
+
+
+@dataclass(frozen=True)
+class StepSetting:
+    """One benchmarked configuration."""
+
+    name: str
+    arch: str
+    image_size: int
+    batch: int
+    n_tokens: int
+    out_dim: int
+    bank: int = BANK_IMAGES
+    depth: int = 0  # 0 = the architecture's own depth
+    precision: str = "fp32"
+    patch_size: int = 16
+
+    def describe(self) -> str:
+        depth = f" depth {self.depth}" if self.depth else ""
+        return (
+            f"{self.arch}/{self.patch_size}{depth}, {self.image_size} px, batch {self.batch}, K {self.n_tokens}, "
+            f"out_dim {self.out_dim}, bank {self.bank}, {self.precision}"
+        )
+
+
+SETTINGS: dict[str, StepSetting] = {
+    "A": StepSetting("A", "vit_tiny", 224, 8, 32, 65536),
+    "B": StepSetting("B", "vit_tiny", 96, 16, 16, 4096),
+    "C": StepSetting("C", "vit_small", 224, 4, 32, 65536),
+}
+QUICK_SETTINGS: dict[str, StepSetting] = {
+    "tiny": StepSetting("tiny", "vit_tiny", 32, 2, 4, 256, bank=8, depth=1),
+}
+
+
+@dataclass(frozen=True)
+class AuthorsStep:
+    """The authors' implementation on a 2-core CPU (reference/README.md, "Performance ...")."""
+
+    seconds: float
+    peak_mib: float
+    split: tuple[float, float, float, float, float, float]  # in AUTHOR_PHASES order
+
+
+AUTHOR_PHASES: tuple[str, ...] = (
+    "teacher forward",
+    "clustering",
+    "student forward + backward",
+    "bank search and update",
+    "object heads and loss",
+    "optimiser and EMA",
+)
+AUTHORS: dict[str, AuthorsStep] = {
+    "A": AuthorsStep(5.40, 4291, (0.28, 0.91, 1.34, 0.17, 2.62, 0.21)),
+    "B": AuthorsStep(0.75, 1623, (0.10, 0.03, 0.36, 0.07, 0.12, 0.06)),
+    "C": AuthorsStep(3.57, 4210, (0.43, 0.33, 1.59, 0.27, 0.67, 0.19)),
+}
+SPEED_GOALS: dict[str, float] = {"A": 2.0, "B": 1.2, "C": 1.5}  # required authors/ours time ratio
+
+# Our fine phases (names laps of instrumented_step / instrumented_dino_step) -> the authors' six phases.
+PHASE_MAP: dict[str, tuple[str, ...]] = {
+    "teacher forward": ("teacher_backbone", "teacher_global_head"),
+    "clustering": ("clustering",),
+    "student forward + backward": ("student_backbone_forward", "student_backbone_backward"),
+    "bank search and update": ("bank_search", "bank_push"),
+    "object heads and loss": ("teacher_object_head", "student_heads_forward", "loss", "heads_loss_backward"),
+    "optimiser and EMA": ("optimiser", "ema"),
+}
+FINE_PHASES: tuple[str, ...] = (
+    "teacher_backbone",
+    "clustering",
+    "bank_search",
+    "teacher_global_head",
+    "teacher_object_head",
+    "student_backbone_forward",
+    "student_heads_forward",
+    "loss",
+    "heads_loss_backward",
+    "student_backbone_backward",
+    "optimiser",
+    "ema",
+    "bank_push",
+)
+PHASE_NOTES: dict[str, str] = {
+    "teacher_backbone": "teacher ViT forward (no grad)",
+    "clustering": "joint_space_clustering + valid_objects + pool_objects + select_valid",
+    "bank_search": "match_objects: NN search of both views + cycle check (before the push)",
+    "teacher_global_head": "teacher head on [CLS]",
+    "teacher_object_head": "teacher object head on objects and retrieved neighbours",
+    "student_backbone_forward": "student ViT forward (drop-path 0.1)",
+    "student_heads_forward": "student pooling + global head + object head",
+    "loss": "CrIBoLoss (3 terms, centre updates)",
+    "heads_loss_backward": "backward from the loss to the student tokens (heads + loss)",
+    "student_backbone_backward": "backward through the student ViT",
+    "optimiser": "AdamW step (+ last-layer freeze / clipping when on)",
+    "ema": "ema_update (foreach lerp)",
+    "bank_push": "ObjectMemoryBank.push",
+}
+
+
+# ------------------------------------------------------------------------------------------------ building
+
+
+def train_config(setting: StepSetting, device: str, threads: int, dino: bool = False) -> Any:
+    """The TrainConfig of a setting; ``dino`` strips the object head, the clustering and the bank to size one."""
+    from cribo import config as config_lib
+
+    overrides: dict[str, Any] = {
+        "arch": setting.arch,
+        "patch_size": setting.patch_size,
+        "depth": setting.depth,
+        "image_size": setting.image_size,
+        "batch_size_per_gpu": setting.batch,
+        "n_tokens": 1 if dino else setting.n_tokens,
+        "out_dim": setting.out_dim,
+        "out_dim_c": 1 if dino else setting.out_dim,
+        "queue_size": 1 if dino else setting.bank,
+        "drop_path_rate": DROP_PATH_RATE,
+        "device": device,
+        "precision": setting.precision,
+        "threads": threads,
+        "num_workers": 0,
+        "scenes_num_images": setting.batch * 4,  # the data source is built but never read
+        "output_dir": str(Path(tempfile.gettempdir()) / "cribo-bench-unused"),
+    }
+    return config_lib.resolve(overrides=overrides)
+
+
+def build_step_trainer(setting: StepSetting, device: str, threads: int, dino: bool = False) -> Any:
+    """A Trainer (``cribo.train.build_trainer``) placed at the first step of epoch 1 (cross-image term on)."""
+    from cribo.train import build_trainer
+
+    trainer = build_trainer(train_config(setting, device, threads, dino=dino))
+    trainer.epoch = 1
+    trainer.step = trainer.iters_per_epoch
+    return trainer
+
+
+def random_positions(batch: int, image_size: int, patch_size: int, rng: random.Random) -> Any:
+    """(B, V=2, N, 2) patch-centre positions of two random crops per image of a 500x375 source image."""
+    import torch
+
+    from cribo.augment import patch_centres, random_crop_box
+
+    views = []
+    for _ in range(batch):
+        boxes = [
+            dataclasses.replace(
+                random_crop_box(*SOURCE_WH, POSITIONS_CROP_SCALE, POSITIONS_CROP_RATIO, rng), flipped=rng.random() < 0.5
+            )
+            for _ in range(2)
+        ]
+        views.append(torch.stack([patch_centres(box, image_size, patch_size) for box in boxes]))
+    return torch.stack(views)
+
+
+def random_batch(setting: StepSetting, seed: int = 0) -> Any:
+    """A collated batch of random normalised images (B, V, 3, S, S) and random positions (B, V, N, 2)."""
+    import torch
+
+    from cribo.train import Batch
+
+    generator = torch.Generator().manual_seed(seed)
+    size = setting.image_size
+    images = torch.randn(setting.batch, 2, 3, size, size, generator=generator)
+    positions = random_positions(setting.batch, size, setting.patch_size, random.Random(seed))
+    return Batch(images=images, positions=positions, num_skipped=0)
+
+
+# ------------------------------------------------------------------------------------------------ steps
+
+
+def _step_inputs(trainer: Any, batch: Any) -> tuple[Any, Any, Any]:
+    """Schedule values written into the optimiser, (2B,3,S,S) view-major images and (B,V,N,2) positions."""
+    from cribo.train import set_optimizer_values, step_values
+
+    values = step_values(trainer)
+    set_optimizer_values(trainer.optimizer, values)
+    images = batch.images.to(trainer.device, non_blocking=True).transpose(0, 1).flatten(0, 1)
+    return values, images, batch.positions.to(trainer.device, non_blocking=True)
+
+
+def _teacher_phases(trainer: Any, images: Any, positions: Any, values: Any, clock: common.PhaseClock) -> Any:
+    """``cribo.train.teacher_side``, the same calls in the same order, with laps between them."""
+    import torch
+
+    from cribo.clustering import joint_space_clustering, pool_objects, select_valid, valid_objects
+    from cribo.matching import match_objects
+    from cribo.train import TeacherOutput, autocast, split_tokens
+
+    cfg = trainer.config.method
+    num_images = positions.shape[0]
+    with torch.no_grad():
+        with autocast(trainer):
+            tokens = trainer.teacher(images)
+        cls, patches = split_tokens(tokens.float(), num_images)
+        clock.lap("teacher_backbone")
+        clusters = joint_space_clustering(
+            patches,
+            positions.flatten(1, 2),
+            cfg.n_tokens,
+            values.pos_alpha,
+            sinkhorn_lambda=cfg.sinkhorn_lambda,
+            sinkhorn_iterations=cfg.sinkhorn_iterations,
+            num_rounds=cfg.n_iter,
+            update_marginals=cfg.update_c,
+            cost_normalization="batch" if cfg.semantics == "authors" else "image",
+            generator=trainer.cluster_generator,
+        )
+        valid = valid_objects(clusters.assignment)
+        objects, per_image = select_valid(pool_objects(patches, clusters.assignment), valid)
+        clock.lap("clustering")
+        matches = match_objects(objects, trainer.bank, chunk_size=cfg.bank_chunk_size)
+        clock.lap("bank_search")
+        head = trainer.teacher.head
+        with autocast(trainer):
+            global_logits = head(cls)
+        clock.lap("teacher_global_head")
+        with autocast(trainer):
+            both = torch.cat([objects.transpose(0, 1).flatten(0, 1), matches.neighbours.flatten(0, 1)])
+            object_side = head.forward_objects(both).float()
+        clock.lap("teacher_object_head")
+    n = objects.shape[0]
+    return TeacherOutput(
+        global_logits=global_logits.float(),
+        object_logits=object_side[: 2 * n],
+        neighbour_logits=object_side[2 * n :].unflatten(0, (2, n)),
+        assignment=clusters.assignment,
+        valid=valid,
+        objects=objects,
+        objects_per_image=per_image,
+        cycle_mask=matches.cycle_mask,
+    )
+
+
+def _split_backward(trainer: Any, loss: Any, tokens: Any, leaf: Any, values: Any, clock: common.PhaseClock) -> None:
+    """``cribo.train.optimiser_step`` with its backward cut in two at the student's tokens (same gradients)."""
+    from torch import nn
+
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.scaler.scale(loss).backward()
+    clock.lap("heads_loss_backward")
+    tokens.backward(leaf.grad)
+    clock.lap("student_backbone_backward")
+    if trainer.config.optim.clip_grad > 0:
+        trainer.scaler.unscale_(trainer.optimizer)
+        nn.utils.clip_grad_norm_(trainer.student.parameters(), trainer.config.optim.clip_grad)
+    if values.freeze_last_layer:
+        for name, param in trainer.student.head.named_parameters():
+            if name.startswith("last_layer"):
+                param.grad = None
+    trainer.scaler.step(trainer.optimizer)
+    trainer.scaler.update()
+    clock.lap("optimiser")
+
+
+def instrumented_step(trainer: Any, batch: Any, clock: common.PhaseClock) -> dict[str, float]:
+    """One ``train_step`` with a lap after each phase; returns per-step counts (objects, cycle-consistent).
+
+    The student's ``StudentStep.forward`` (backbone, split, pooling, two heads) is unrolled: the backbone's
+    tokens are detached into a leaf so that the backward can be timed in two parts, heads + loss and backbone;
+    the gradients are the same as with the fused backward.
+    """
+    from cribo import distributed
+    from cribo.clustering import pool_objects, select_valid
+    from cribo.teacher import ema_update
+    from cribo.train import autocast, split_tokens
+
+    clock.start()
+    values, images, positions = _step_inputs(trainer, batch)
+    teacher = _teacher_phases(trainer, images, positions, values, clock)
+    network = trainer.student
+    with autocast(trainer):
+        tokens = network(images)
+    clock.lap("student_backbone_forward")
+    leaf = tokens.detach().requires_grad_()
+    with autocast(trainer):
+        cls, patches = split_tokens(leaf, teacher.assignment.shape[0])
+        objects, _ = select_valid(pool_objects(patches, teacher.assignment.to(patches.dtype)), teacher.valid)
+        student_global = network.head(cls)
+        student_objects = network.head.forward_objects(objects.transpose(0, 1).flatten(0, 1))
+    clock.lap("student_heads_forward")
+    terms = trainer.criterion(
+        student_global.float(),
+        teacher.global_logits,
+        student_objects.float(),
+        teacher.object_logits,
+        teacher.neighbour_logits,
+        teacher.cycle_mask,
+        teacher_temp=values.teacher_temp,
+        teacher_temp_c=values.teacher_temp_c,
+        cross_image=values.cross_image,
+    )
+    clock.lap("loss")
+    _split_backward(trainer, terms["loss"], tokens, leaf, values, clock)
+    ema_update(trainer.teacher, trainer.student, values.momentum)
+    clock.lap("ema")
+    trainer.bank.push(
+        distributed.all_gather_ragged(teacher.objects), distributed.all_gather_ragged(teacher.objects_per_image)
+    )
+    clock.lap("bank_push")
+    return {
+        "objects": float(teacher.objects.shape[0]),
+        "cycle_consistent": float(teacher.cycle_mask.sum()),
+    }
+
+
+def dino_step(trainer: Any, batch: Any, clock: common.PhaseClock | None = None) -> None:
+    """The DINO floor: two views through teacher and student, [CLS] head + DINO loss, optimiser, EMA.
+
+    Built from the library's pieces: ``backbone_tokens`` via the networks, ``ProjectionHead.forward``,
+    ``sharpen`` + ``cross_view_loss`` + ``Center.update`` (CrIBo's global term), ``optimiser_step`` and
+    ``ema_update``. With a clock, the backward is cut at the tokens as in :func:`instrumented_step`.
+    """
+    import torch
+
+    from cribo.losses import cross_view_loss, sharpen
+    from cribo.teacher import ema_update
+    from cribo.train import autocast, optimiser_step
+
+    lap = clock.lap if clock is not None else (lambda name: None)
+    if clock is not None:
+        clock.start()
+    values, images, _ = _step_inputs(trainer, batch)
+    num_images = batch.images.shape[0]
+    with torch.no_grad():
+        with autocast(trainer):
+            teacher_cls = trainer.teacher(images)[:, 0]
+        lap("teacher_backbone")
+        with autocast(trainer):
+            teacher_global = trainer.teacher.head(teacher_cls).float()
+        lap("teacher_global_head")
+    with autocast(trainer):
+        tokens = trainer.student(images)
+    lap("student_backbone_forward")
+    leaf = tokens.detach().requires_grad_() if clock is not None else tokens
+    with autocast(trainer):
+        student_global = trainer.student.head(leaf[:, 0]).float()
+    lap("student_heads_forward")
+    center = trainer.criterion.center
+    probs = sharpen(teacher_global, center.center, values.teacher_temp).unflatten(0, (2, num_images))
+    loss = cross_view_loss(probs, (student_global / trainer.criterion.student_temp).unflatten(0, (2, num_images)))
+    center.update(teacher_global)
+    lap("loss")
+    if clock is not None:
+        _split_backward(trainer, loss, tokens, leaf, values, clock)
+    else:
+        optimiser_step(trainer, loss, values)
+    ema_update(trainer.teacher, trainer.student, values.momentum)
+    lap("ema")
+
+
+# ------------------------------------------------------------------------------------------------ worker
+
+
+def measure(job: dict[str, Any]) -> dict[str, Any]:
+    """One configuration in this process: build, warm up, time the plain step, then the instrumented one."""
+    common.set_threads(job["threads"])
+    import torch
+
+    from cribo.train import train_step
+
+    setting = StepSetting(**job["setting"])
+    dino = job["kind"] == "dino"
+    rss_start = common.rss_mib()
+    with common.PeakRise() as whole:
+        started = time.perf_counter()
+        trainer = build_step_trainer(setting, job["device"], job["threads"], dino=dino)
+        build_s = time.perf_counter() - started
+        rss_built = common.rss_mib()
+        batch = random_batch(setting, seed=0)
+        sync = common.device_sync(trainer.device)
+        if trainer.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(trainer.device)
+
+        def plain() -> None:
+            if dino:
+                dino_step(trainer, batch)
+            else:
+                train_step(trainer, batch)
+
+        times = common.time_calls(plain, job["warmup"], job["repeat"], sync)
+    result: dict[str, Any] = {
+        "setting": setting.name,
+        "kind": job["kind"],
+        "seconds": common.median(times),
+        "times": times,
+        "build_s": build_s,
+        "rss_start_mib": rss_start,
+        "rss_built_mib": rss_built,
+        "peak_rss_mib": whole.baseline_mib + whole.rise_mib,
+        "process_peak_rss_mib": common.process_peak_rss_mib(),
+        "peak_exact": whole.exact,
+    }
+    if trainer.device.type == "cuda":
+        result["peak_device_mib"] = torch.cuda.max_memory_allocated(trainer.device) / common.MIB
+    if job.get("split", True):
+        result.update(_measure_split(trainer, batch, job, dino, sync))
+    return result
+
+
+def _measure_split(trainer: Any, batch: Any, job: dict[str, Any], dino: bool, sync: Any) -> dict[str, Any]:
+    """Per-phase medians over ``repeat`` instrumented steps (after one untimed instrumented step)."""
+    clock = common.PhaseClock(sync=sync)
+    runs, counts = [], []
+    for index in range(job["repeat"] + 1):
+        if dino:
+            dino_step(trainer, batch, clock)
+            count: dict[str, float] = {}
+        else:
+            count = instrumented_step(trainer, batch, clock)
+        if index:
+            runs.append(dict(clock.phases))
+            counts.append(count)
+    return {
+        "phases": common.median_phases(runs),
+        "instrumented_seconds": common.median(sum(run.values()) for run in runs),
+        "objects": common.median(c.get("objects", 0.0) for c in counts),
+        "cycle_consistent": common.median(c.get("cycle_consistent", 0.0) for c in counts),
+    }
+
+
+def run_job(job: dict[str, Any], in_process: bool) -> dict[str, Any]:
+    """Measure a job in this process or in a fresh worker subprocess."""
+    return measure(job) if in_process else common.run_worker(SCRIPT, job)
+
+
+# ------------------------------------------------------------------------------------------------ FLOP account
+
+
+def _dims(arch: str) -> tuple[int, int]:
+    """(depth, width) of a short arch name."""
+    return {"vit_tiny": (12, 192), "vit_small": (12, 384), "vit_base": (12, 768)}[arch]
+
+
+def flop_account(setting: StepSetting, objects: float) -> dict[str, float]:
+    """Rough GFLOP per step of the big matrix products (multiply-add = 2 FLOP).
+
+    Backbone: per image ``depth * (24 L D^2 + 4 L^2 D)`` with ``L = N + 1`` tokens; forward counts 1x, forward +
+    backward 3x. Head: the MLP ``2 (D*2048 + 2048^2 + 2048*256)`` plus the last layer ``2 * 256 * C`` per row;
+    the teacher's object head sees ``2n`` objects + ``2n`` neighbours, the student's ``2n`` objects (x3 with
+    backward). Bank search: ``2 views * n * M * D * 2`` with ``M = bank * K`` keys (float32-equivalent).
+    """
+    depth, width = _dims(setting.arch)
+    if setting.depth:
+        depth = setting.depth
+    tokens = (setting.image_size // setting.patch_size) ** 2 + 1
+    per_image = depth * (24 * tokens * width**2 + 4 * tokens**2 * width)
+    views = 2 * setting.batch
+    head_row = 2 * (width * 2048 + 2048 * 2048 + 2048 * 256) + 2 * 256 * setting.out_dim
+    giga = 1e9
+    return {
+        "teacher backbone": views * per_image / giga,
+        "student backbone (fwd+bwd)": 3 * views * per_image / giga,
+        "[CLS] heads (teacher + student fwd+bwd)": 4 * views * head_row / giga,
+        "object heads (teacher 4n rows + student 2n rows fwd+bwd)": (4 * objects + 3 * 2 * objects) * head_row / giga,
+        "bank search (2 views, n x M x D)": 2 * objects * setting.bank * setting.n_tokens * width * 2 / giga,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def author_phase_seconds(phases: dict[str, float]) -> dict[str, float]:
+    """Our fine phases summed into the authors' six phases."""
+    return {name: sum(phases.get(p, 0.0) for p in parts) for name, parts in PHASE_MAP.items()}
+
+
+def _mark(ok: bool) -> str:
+    return "**pass**" if ok else "**FAIL**"
+
+
+def summary_table(results: dict[str, dict[str, Any]]) -> str:
+    """Ours vs the authors: s/step, images/s, peak RSS, ratios and goals."""
+    rows = []
+    for name, res in results.items():
+        setting = (SETTINGS | QUICK_SETTINGS)[name]
+        ours = res["seconds"]
+        authors = AUTHORS.get(name)
+        ratio = authors.seconds / ours if authors else math.nan
+        goal = SPEED_GOALS.get(name)
+        speed_ok = _mark(ratio >= goal) if goal else "–"
+        mem_ok = _mark(res["peak_rss_mib"] < authors.peak_mib) if authors else "–"
+        rows.append(
+            [
+                name,
+                setting.describe(),
+                common.fmt(ours, 3),
+                common.fmt(setting.batch / ours, 1),
+                common.fmt(authors.seconds if authors else math.nan),
+                common.fmt(ratio) + "×",
+                f"≥ {goal}× {speed_ok}" if goal else "–",
+                common.fmt(res["peak_rss_mib"], 0),
+                common.fmt(authors.peak_mib if authors else math.nan, 0),
+                f"< {authors.peak_mib} {mem_ok}" if authors else "–",
+            ]
+        )
+    headers = [
+        "config",
+        "setting",
+        "s / step (ours)",
+        "images / s",
+        "s / step (authors)",
+        "speed-up (authors / ours)",
+        "speed goal",
+        "peak RSS MiB (ours)",
+        "peak RSS MiB (authors)",
+        "memory goal",
+    ]
+    return common.markdown_table(headers, rows)
+
+
+def split_table(results: dict[str, dict[str, Any]]) -> str:
+    """The authors' six phases: ours beside theirs, per configuration."""
+    names = list(results)
+    headers = ["phase"] + [f"{n} ours" for n in names] + [f"{n} authors" for n in names if n in AUTHORS]
+    ours = {n: author_phase_seconds(results[n]["phases"]) for n in names}
+    rows = []
+    for index, phase in enumerate(AUTHOR_PHASES):
+        row = [phase] + [common.fmt(ours[n][phase], 3) for n in names]
+        row += [common.fmt(AUTHORS[n].split[index]) for n in names if n in AUTHORS]
+        rows.append(row)
+    total = ["sum of phases"] + [common.fmt(results[n]["instrumented_seconds"], 3) for n in names]
+    total += [common.fmt(sum(AUTHORS[n].split)) for n in names if n in AUTHORS]
+    rows.append(total)
+    return common.markdown_table(headers, rows)
+
+
+def fine_table(results: dict[str, dict[str, Any]]) -> str:
+    """Every lap of the instrumented step, seconds (median over the measured steps)."""
+    names = list(results)
+    headers = ["lap", "what", *names]
+    rows = [
+        [phase, PHASE_NOTES[phase]] + [common.fmt(results[n]["phases"].get(phase, math.nan), 4) for n in names]
+        for phase in FINE_PHASES
+    ]
+    rows.append(["objects n", "valid objects per step (median)"] + [f"{results[n]['objects']:.0f}" for n in names])
+    rows.append(
+        ["cycle-consistent", "of the 2n retrievals (median)"] + [f"{results[n]['cycle_consistent']:.0f}" for n in names]
+    )
+    return common.markdown_table(headers, rows)
+
+
+def floor_tables(cribo: dict[str, dict[str, Any]], dino: dict[str, dict[str, Any]]) -> list[str]:
+    """CrIBo vs the DINO floor: totals, per-phase difference, and a FLOP account."""
+    names = list(cribo)
+    settings = SETTINGS | QUICK_SETTINGS
+    rows = [
+        [
+            n,
+            common.fmt(cribo[n]["seconds"], 3),
+            common.fmt(dino[n]["seconds"], 3),
+            common.fmt(cribo[n]["seconds"] / dino[n]["seconds"]) + "×",
+            common.fmt(cribo[n]["peak_rss_mib"], 0),
+            common.fmt(dino[n]["peak_rss_mib"], 0),
+        ]
+        for n in names
+    ]
+    totals = common.markdown_table(
+        ["config", "CrIBo s / step", "DINO floor s / step", "CrIBo / DINO", "CrIBo peak RSS MiB", "DINO peak RSS MiB"],
+        rows,
+    )
+    diff_rows = []
+    ours = {n: author_phase_seconds(cribo[n]["phases"]) for n in names}
+    floor = {n: author_phase_seconds(dino[n]["phases"]) for n in names}
+    for phase in AUTHOR_PHASES:
+        diff_rows.append(
+            [phase]
+            + [f"{ours[n][phase]:.3f} / {floor[n][phase]:.3f} ({ours[n][phase] - floor[n][phase]:+.3f})" for n in names]
+        )
+    diffs = common.markdown_table(["phase: CrIBo / DINO (difference), s", *names], diff_rows)
+    accounts = {n: flop_account(settings[n], cribo[n]["objects"]) for n in names}
+    flop_rows = [[item] + [f"{accounts[n][item]:.1f}" for n in names] for item in accounts[names[0]]]
+    flops = common.markdown_table(["GFLOP per step (estimate, with the measured n)", *names], flop_rows)
+    return [totals, diffs, flops]
+
+
+def _intro(quick: bool) -> list[str]:
+    return [
+        "One optimisation step of `cribo.train.train_step` on random image tensors and random patch positions "
+        "(no data loading), epoch 1 (cross-image term on), drop-path 0.1, fp32; each configuration (and the DINO "
+        "floor) in its own fresh subprocess. *s / step* is the median of the measured steps after warm-up; "
+        "*peak RSS* is the whole process's peak resident set (Python + torch included), as in the authors' "
+        "figures. The authors' numbers come from another run (their code, unmodified) on a machine of the same "
+        "kind (2 cores), reference/README.md; runs vary by about ±10 %."
+        + (" **Quick mode: tiny settings, not comparable.**" if quick else ""),
+    ]
+
+
+def _split_notes() -> str:
+    return (
+        "How the split is taken: `instrumented_step` calls the same library functions as `train_step` in the "
+        "same order (`teacher_side`'s body, then `StudentStep.forward`'s body, `CrIBoLoss`, the body of "
+        "`optimiser_step`, `ema_update`, `ObjectMemoryBank.push`) with a timer between them. The backward is cut "
+        "at the student's tokens (detached leaf): *heads + loss backward* and *backbone backward* are timed "
+        "apart; the gradients are the same. Mapping to the authors' phases: teacher forward = teacher backbone "
+        "+ teacher [CLS] head; clustering = clustering + object pooling; student forward + backward = student "
+        "backbone forward + backward; bank search and update = `match_objects` + `push`; object heads and loss ="
+        " teacher object head (objects and neighbours) + student heads forward (both heads) + loss + its "
+        "backward; optimiser and EMA = AdamW step + EMA. The student's [CLS] head (2B rows) is counted in "
+        "*object heads and loss*; the authors' attribution of it is not documented."
+    )
+
+
+def report(args: Any, cribo: dict[str, dict[str, Any]], dino: dict[str, dict[str, Any]], argv: Sequence[str]) -> Path:
+    """Write benchmarks/results/bench_step.md."""
+    info = common.machine_info(args.threads, args.device)
+    body = [
+        *_intro(args.quick),
+        f"Warm-up steps: {args.warmup}; measured steps: {args.repeat} (each for the plain and the instrumented step).",
+        "### Ours vs the authors' implementation",
+        summary_table(cribo),
+        "### Split of one step (seconds), the authors' six phases",
+        split_table(cribo),
+        _split_notes(),
+        "### Every lap of the instrumented step (seconds)",
+        fine_table(cribo),
+        "### The floor: a plain two-view DINO step (item 3)",
+        "Same backbone, same [CLS] head (`out_dim`), same optimiser and EMA, both views through teacher and "
+        "student; no clustering, no object head (`out_dim_c` = 1), no bank.",
+        *floor_tables(cribo, dino),
+        _floor_notes(cribo, dino),
+    ]
+    command = common.command_line(SCRIPT.name, argv)
+    return common.write_section(common.output_dir(args), "bench_step", "One training step (CPU)", command, info, body)
+
+
+def _floor_notes(cribo: dict[str, dict[str, Any]], dino: dict[str, dict[str, Any]]) -> str:
+    parts = []
+    for name in cribo:
+        ours = author_phase_seconds(cribo[name]["phases"])
+        floor = author_phase_seconds(dino[name]["phases"])
+        extra = cribo[name]["instrumented_seconds"] - dino[name]["instrumented_seconds"]
+        if extra <= 0:
+            continue
+        shares = {phase: (ours[phase] - floor[phase]) / extra for phase in AUTHOR_PHASES}
+        top = sorted(shares.items(), key=lambda kv: -kv[1])[:3]
+        parts.append(
+            f"{name}: CrIBo adds {extra:.3f} s per step; "
+            + ", ".join(f"{phase} {100 * share:.0f} %" for phase, share in top)
+        )
+    return "Where the extra time goes (share of CrIBo − DINO, instrumented steps): " + "; ".join(parts) + "."
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def parse_args(argv: Sequence[str]) -> Any:
+    parser = common.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--configs", default=None, help="comma-separated subset of A,B,C (default all)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 2; 1 with --quick)")
+    parser.add_argument("--repeat", type=int, default=None, help="measured steps (default 5; 1 with --quick)")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--in-process", action="store_true", help="measure in this process (no fresh subprocess)")
+    args = parser.parse_args(argv)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    args.repeat = args.repeat if args.repeat is not None else (1 if args.quick else 5)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    job = common.worker_job(argv)
+    if job is not None:
+        common.emit_result(measure(job))
+        return 0
+    args = parse_args(argv)
+    pool = QUICK_SETTINGS if args.quick else SETTINGS
+    names = args.configs.split(",") if args.configs else list(pool)
+    cribo: dict[str, dict[str, Any]] = {}
+    dino: dict[str, dict[str, Any]] = {}
+    for name in names:
+        if name not in pool:
+            raise SystemExit(f"--configs: unknown configuration {name!r}; valid: {sorted(pool)}")
+        base = {"setting": dataclasses.asdict(pool[name]), "device": args.device, "threads": args.threads}
+        base |= {"warmup": args.warmup, "repeat": args.repeat}
+        for kind, store in (("cribo", cribo), ("dino", dino)):
+            store[name] = run_job({**base, "kind": kind}, args.in_process)
+            res = store[name]
+            print(
+                f"{name} {kind:5s}: {res['seconds']:.3f} s/step ({pool[name].batch / res['seconds']:.1f} img/s), "
+                f"peak RSS {res['peak_rss_mib']:.0f} MiB, split sum {res['instrumented_seconds']:.3f} s",
+                flush=True,
+            )
+    path = report(args, cribo, dino, argv)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
