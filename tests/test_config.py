@@ -62,7 +62,7 @@ def test_unknown_preset_and_keys_are_errors() -> None:
         config_lib.resolve(preset="nope")
     with pytest.raises(ValueError, match="unknown config key 'n_token'"):
         config_lib.resolve(overrides={"n_token": 3})
-    with pytest.raises(ValueError, match="unknown field model.lr"):
+    with pytest.raises(ValueError, match=r"unknown field model\.lr"):
         config_lib.apply_overrides(TrainConfig(), {"model": {"lr": 1.0}}, "test.yaml")
 
 
@@ -79,7 +79,9 @@ def test_overrides_are_coerced_and_checked() -> None:
         config_lib.resolve(overrides={"image_size": 100})
 
 
-def test_authors_args_json_is_replayed_and_inert_keys_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_authors_args_json_is_replayed_and_inert_keys_reported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     args = {
         "arch": "vit_small",
         "n_tokens": 64,

@@ -55,11 +55,11 @@ def load(path: Path) -> dict[str, Any]:
 
 def rng_state() -> dict[str, Any]:
     """Every global RNG state that training consumes (Python, NumPy, torch CPU, torch CUDA if present)."""
-    np_state = np.random.get_state()
+    _, keys, position, *_ = np.random.get_state(legacy=True)
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy_keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
-        "numpy_pos": int(np_state[2]),
+        "numpy_keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+        "numpy_pos": int(position),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():

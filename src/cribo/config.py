@@ -351,8 +351,10 @@ def validate(config: TrainConfig) -> None:
         (config.method.queue_size >= 1, "--queue_size must be at least 1"),
         (config.optim.batch_size_per_gpu >= 1, "--batch_size_per_gpu must be at least 1"),
         (config.optim.epochs >= 1, "--epochs must be at least 1"),
-        (0.0 < config.data.global_crops_scale[0] <= config.data.global_crops_scale[1] <= 1.0,
-         "--global_crops_scale must satisfy 0 < min <= max <= 1"),
+        (
+            0.0 < config.data.global_crops_scale[0] <= config.data.global_crops_scale[1] <= 1.0,
+            "--global_crops_scale must satisfy 0 < min <= max <= 1",
+        ),
         (0.0 <= config.optim.momentum_teacher <= 1.0, "--momentum_teacher must lie in [0, 1]"),
     ]
     for ok, message in checks:

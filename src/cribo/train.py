@@ -56,7 +56,7 @@ class NonFiniteLossError(RuntimeError):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def build_image_source(config: TrainConfig) -> Dataset:
+def build_image_source(config: TrainConfig) -> Any:
     """The pretraining images: a folder (recursive) or the built-in synthetic scenes' training split."""
     if config.data.data_path:
         from cribo.data.folder import ImageFolder
@@ -72,13 +72,13 @@ def build_image_source(config: TrainConfig) -> Dataset:
 class TwoViewDataset(Dataset):
     """Items are keyed by ``(epoch, index)`` so every augmentation is a pure function of the seed and the key."""
 
-    def __init__(self, source: Dataset, augmentation: TwoViewAugmentation, seed: int) -> None:
+    def __init__(self, source: Any, augmentation: TwoViewAugmentation, seed: int) -> None:
         self.source = source
         self.augmentation = augmentation
         self.seed = seed
 
     def __len__(self) -> int:
-        return len(self.source)  # type: ignore[arg-type]
+        return len(self.source)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, Tensor] | None:
         epoch, index = key
@@ -204,7 +204,8 @@ def split_tokens(tokens: Tensor, num_images: int) -> tuple[Tensor, Tensor]:
 
 def parameter_groups(model: nn.Module) -> list[dict[str, Any]]:
     """The authors' two groups: no weight decay on biases and 1-d parameters (norms), decay on the rest."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
@@ -394,8 +395,12 @@ def load_state(trainer: Trainer, state: dict[str, Any]) -> None:
         logger.warning(
             "the checkpoint has %d steps per epoch (world size %d), this run %d (world size %d): continuing at "
             "step %d of epoch %d; the resume is not bit-exact",
-            old_iters, state.get("world_size", 1), trainer.iters_per_epoch, distributed.world_size(),
-            trainer.step, epoch,
+            old_iters,
+            state.get("world_size", 1),
+            trainer.iters_per_epoch,
+            distributed.world_size(),
+            trainer.step,
+            epoch,
         )
     trainer.skipped_images = state.get("skipped_images", 0)
     trainer.history = list(state.get("history", []))
