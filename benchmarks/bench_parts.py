@@ -30,6 +30,7 @@ import common
 
 SCRIPT = Path(__file__).resolve()
 SOURCE_WH = (500, 375)  # the authors' augmentation benchmark image (width, height)
+CHUNK_SIZE = 65536  # MethodConfig.bank_chunk_size, what the training loop passes to match_objects
 
 
 @dataclass(frozen=True)
@@ -75,15 +76,17 @@ def measure_clustering(job: dict[str, Any]) -> dict[str, Any]:
     from bench_step import random_positions
     from cribo.clustering import joint_space_clustering
 
+    device = torch.device(job.get("device", "cpu"))
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randn(job["images"], 2 * (job["image_size"] // 16) ** 2, job["dim"], generator=generator)
     positions = random_positions(job["images"], job["image_size"], 16, random.Random(0)).flatten(1, 2)
+    tokens, positions = tokens.to(device), positions.to(device)
 
     def call() -> None:
         joint_space_clustering(tokens, positions, job["clusters"], 1.0, generator=generator)
 
-    with common.PeakRise() as rise:
-        times = common.time_calls(call, job["warmup"], job["repeat"])
+    with common.PeakRise(device) as rise:
+        times = common.time_calls(call, job["warmup"], job["repeat"], common.device_sync(device))
     return {"seconds": common.median(times), "times": times, "rise_mib": rise.rise_mib, "exact": rise.exact}
 
 
@@ -94,23 +97,28 @@ def measure_bank(job: dict[str, Any]) -> dict[str, Any]:
     from cribo.matching import match_objects
     from cribo.memory import ObjectMemoryBank
 
+    device = torch.device(job.get("device", "cpu"))
+    sync = common.device_sync(device) or (lambda: None)
     generator = torch.Generator().manual_seed(0)
     started = time.perf_counter()
     bank = ObjectMemoryBank(job["capacity"], job["objects"], job["dim"], generator=generator)
     if job["state"] == "gaussian":
         bank.objects.normal_(generator=generator)
+    bank = bank.to(device)
     alloc_s = time.perf_counter() - started
     bank_mib = bank.objects.numel() * 4 / common.MIB
     calls = job["warmup"] + job["repeat"]
     per_view = job["images"] * job["objects"]
-    queries = [torch.randn(per_view, 2, job["dim"], generator=generator) for _ in range(calls)]
-    per_image = torch.full((job["images"],), job["objects"], dtype=torch.int64)
+    queries = [torch.randn(per_view, 2, job["dim"], generator=generator).to(device) for _ in range(calls)]
+    per_image = torch.full((job["images"],), job["objects"], dtype=torch.int64, device=device)
     times, found = [], []
-    with common.PeakRise() as rise:
+    with common.PeakRise(device) as rise:
         for index, objects in enumerate(queries):
+            sync()
             start = time.perf_counter()
-            matches = match_objects(objects, bank)
+            matches = match_objects(objects, bank, chunk_size=job.get("chunk_size", CHUNK_SIZE))
             bank.push(objects, per_image)
+            sync()
             elapsed = time.perf_counter() - start
             found.append(float(matches.cycle_mask.sum()))
             if index >= job["warmup"]:

@@ -222,22 +222,44 @@ def reset_peak_rss() -> bool:
 
 @dataclass
 class PeakRise:
-    """Context manager: the peak RSS rise (MiB) of the work inside it above the RSS at its start."""
+    """Context manager: the peak memory rise (MiB) of the work inside it above the usage at its start.
 
+    On CPU: resident set (VmHWM after a reset, minus VmRSS before). On CUDA (``device``): allocated tensor memory
+    (``max_memory_allocated`` after a reset, minus ``memory_allocated`` before).
+    """
+
+    device: Any = None
     baseline_mib: float = math.nan
     rise_mib: float = math.nan
     exact: bool = False
+
+    def _cuda(self) -> bool:
+        return getattr(self.device, "type", str(self.device)) == "cuda"
 
     def __enter__(self) -> PeakRise:
         import gc
 
         gc.collect()
-        self.exact = reset_peak_rss()
-        self.baseline_mib = rss_mib()
+        if self._cuda():
+            import torch
+
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.exact = True
+            self.baseline_mib = torch.cuda.memory_allocated(self.device) / MIB
+        else:
+            self.exact = reset_peak_rss()
+            self.baseline_mib = rss_mib()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.rise_mib = peak_rss_mib() - self.baseline_mib
+        if self._cuda():
+            import torch
+
+            torch.cuda.synchronize(self.device)
+            self.rise_mib = torch.cuda.max_memory_allocated(self.device) / MIB - self.baseline_mib
+        else:
+            self.rise_mib = peak_rss_mib() - self.baseline_mib
 
 
 def device_sync(device: Any) -> Callable[[], None] | None:

@@ -68,7 +68,7 @@ class MethodConfig:
     n_iter: int = 5  # clustering rounds
     update_c: bool = True  # update cluster marginals from hard counts
     queue_size: int = 25000  # memory bank capacity in images
-    bank_chunk_size: int = 65536  # bank rows scored at once in the nearest-neighbour search
+    bank_chunk_size: int = 8192  # bank rows scored at once (larger chunks page-fault fresh buffers on CPU)
     semantics: Semantics = "paper"  # "authors" reproduces the quirks of the official code (reference/README.md)
 
 
