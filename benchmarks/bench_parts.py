@@ -30,7 +30,7 @@ import common
 
 SCRIPT = Path(__file__).resolve()
 SOURCE_WH = (500, 375)  # the authors' augmentation benchmark image (width, height)
-CHUNK_SIZE = 65536  # MethodConfig.bank_chunk_size, what the training loop passes to match_objects
+SMALL_CHUNK = 8192  # match_objects' own default chunk (the training loop passes MethodConfig.bank_chunk_size)
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,12 @@ QUICK = {
     "bank": {"capacity": 64, "objects": 4, "dim": 16, "images": 2, "warmup": 1, "repeat": 1},
     "augment": {"output_size": 64, "calls": 3, "rounds": 1, "warmup": 1},
 }
+# (row key, bank contents, chunk size; None = the training loop's MethodConfig.bank_chunk_size)
+BANK_VARIANTS: tuple[tuple[str, str, int | None], ...] = (
+    ("bank_uniform", "uniform", None),
+    ("bank_gaussian", "gaussian", None),
+    ("bank_uniform_small_chunk", "uniform", SMALL_CHUNK),
+)
 AUGMENT_VARIANTS: tuple[tuple[str, bool, int | None], ...] = (
     ("colour", True, None),  # the goal's row: full pipeline, --threads threads
     ("no colour", False, None),
@@ -94,9 +100,11 @@ def measure_bank(job: dict[str, Any]) -> dict[str, Any]:
     """Seconds per ``match_objects`` + ``push`` call with a bank in the given state, and the peak RSS rise."""
     import torch
 
+    from cribo.config import MethodConfig
     from cribo.matching import match_objects
     from cribo.memory import ObjectMemoryBank
 
+    chunk_size = job.get("chunk_size") or MethodConfig().bank_chunk_size
     device = torch.device(job.get("device", "cpu"))
     sync = common.device_sync(device) or (lambda: None)
     generator = torch.Generator().manual_seed(0)
@@ -116,7 +124,7 @@ def measure_bank(job: dict[str, Any]) -> dict[str, Any]:
         for index, objects in enumerate(queries):
             sync()
             start = time.perf_counter()
-            matches = match_objects(objects, bank, chunk_size=job.get("chunk_size", CHUNK_SIZE))
+            matches = match_objects(objects, bank, chunk_size=chunk_size)
             bank.push(objects, per_image)
             sync()
             elapsed = time.perf_counter() - start
@@ -132,6 +140,7 @@ def measure_bank(job: dict[str, Any]) -> dict[str, Any]:
         "alloc_s": alloc_s,
         "baseline_mib": rise.baseline_mib,
         "cycle_consistent": common.median(found),
+        "chunk_size": chunk_size,
     }
 
 
@@ -220,11 +229,12 @@ def parts_table(results: dict[str, dict[str, Any]], sizes: dict[str, dict[str, A
     )
     goal = GOALS["bank"]
     b = sizes["bank"]
-    for state in ("uniform", "gaussian"):
-        res = results[f"bank_{state}"]
+    for key, state, _ in BANK_VARIANTS:
+        res = results[key]
+        contents = "initial state, uniform [0, 1)" if state == "uniform" else "Gaussian bank"
         rows.append(
             [
-                f"bank search + update ({'initial state, uniform [0, 1)' if state == 'uniform' else 'Gaussian bank'})",
+                f"bank search + update ({contents}; chunk {res['chunk_size']})",
                 f"bank {b['capacity']} images x {b['objects']} x {b['dim']} ({res['bank_mib']:.0f} MiB), "
                 f"{b['images']} images ({b['images'] * b['objects']} objects / view)",
                 f"{res['seconds']:.3f} s",
@@ -288,8 +298,8 @@ def jobs(args: Any) -> dict[str, dict[str, Any]]:
     sizes = QUICK if args.quick else FULL
     base = {"threads": args.threads}
     todo: dict[str, dict[str, Any]] = {"clustering": {**base, "part": "clustering", **sizes["clustering"]}}
-    for state in ("uniform", "gaussian"):
-        todo[f"bank_{state}"] = {**base, "part": "bank", "state": state, **sizes["bank"]}
+    for key, state, chunk in BANK_VARIANTS:
+        todo[key] = {**base, "part": "bank", "state": state, "chunk_size": chunk, **sizes["bank"]}
     for label, colour, threads in AUGMENT_VARIANTS:
         todo[f"augment {label}"] = {**base, "part": "augment", "colour": colour, "aug_threads": threads}
         todo[f"augment {label}"] |= sizes["augment"]

@@ -5,3 +5,4 @@ from cribo.data.folder import ImageFolder as ImageFolder
 from cribo.data.folder import list_images as list_images
 from cribo.data.folder import load_rgb as load_rgb
 from cribo.data.folder import to_rgb as to_rgb
+from cribo.data.scenes import SyntheticScenes as SyntheticScenes
