@@ -30,7 +30,6 @@ import common
 
 SCRIPT = Path(__file__).resolve()
 SOURCE_WH = (500, 375)  # the authors' augmentation benchmark image (width, height)
-SMALL_CHUNK = 8192  # match_objects' own default chunk (the training loop passes MethodConfig.bank_chunk_size)
 
 
 @dataclass(frozen=True)
@@ -62,7 +61,6 @@ QUICK = {
 BANK_VARIANTS: tuple[tuple[str, str, int | None], ...] = (
     ("bank_uniform", "uniform", None),
     ("bank_gaussian", "gaussian", None),
-    ("bank_uniform_small_chunk", "uniform", SMALL_CHUNK),
 )
 AUGMENT_VARIANTS: tuple[tuple[str, bool, int | None], ...] = (
     ("colour", True, None),  # the goal's row: full pipeline, --threads threads

@@ -617,11 +617,12 @@ def floor_tables(cribo: dict[str, dict[str, Any]], dino: dict[str, dict[str, Any
     return [totals, diffs, flops]
 
 
-def _intro(quick: bool) -> list[str]:
+def _intro(quick: bool, in_process: bool) -> list[str]:
+    where = "all in this process (--in-process)" if in_process else "each in its own fresh subprocess"
     return [
         "One optimisation step of `cribo.train.train_step` on random image tensors and random patch positions "
-        "(no data loading), epoch 1 (cross-image term on), drop-path 0.1, fp32; each configuration (and the DINO "
-        "floor) in its own fresh subprocess. *s / step* is the median of the measured steps after warm-up; "
+        f"(no data loading), epoch 1 (cross-image term on), drop-path 0.1, fp32; the configurations and the DINO "
+        f"floor {where}. *s / step* is the median of the measured steps after warm-up; "
         "*peak RSS* is the whole process's peak resident set (Python + torch included), as in the authors' "
         "figures. The authors' numbers come from another run (their code, unmodified) on a machine of the same "
         "kind (2 cores), reference/README.md; runs vary by about ±10 %."
@@ -648,7 +649,7 @@ def report(args: Any, cribo: dict[str, dict[str, Any]], dino: dict[str, dict[str
     """Write benchmarks/results/bench_step.md."""
     info = common.machine_info(args.threads, args.device)
     body = [
-        *_intro(args.quick),
+        *_intro(args.quick, args.in_process),
         f"Warm-up steps: {args.warmup}; measured steps: {args.repeat} (each for the plain and the instrumented step).",
         "### Ours vs the authors' implementation",
         summary_table(cribo),

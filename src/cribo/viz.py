@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,7 @@ OBJECT_OUTLINE = (1.0, 0.85, 0.0)  # outline of a highlighted object
 # Colour and line style of the crop boxes of view 1 and view 2 drawn on the original image.
 VIEW_BOX_STYLES: tuple[tuple[str, Literal["-", "--"]], ...] = (("#00e5ff", "-"), ("#ff4fd8", "--"))
 CONSISTENT_COLOUR, INCONSISTENT_COLOUR = "#1a7f37", "#c62828"
+TITLE_CHARS_PER_INCH = 12  # characters of a 10-pt title line per inch of figure width (DejaVu Sans, with margin)
 TAB20_GREYS = (14, 15)  # tab20 entries that are grey: left out so that grey always means "dropped"
 DEFAULT_IMAGE_SIZE = 96  # the built-in scenes' default side
 DEFAULT_NUM_IMAGES = {"pca": 4, "clusters": 4, "neighbours": 12, "segmentation": 4}
@@ -122,6 +124,13 @@ def save_figure(figure: Figure, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=FIGURE_DPI)
     return path
+
+
+def set_title(figure: Figure, text: str) -> None:
+    """Figure title, each line wrapped to the figure's width so that nothing is cut off."""
+    width = max(20, int(figure.get_figwidth() * TITLE_CHARS_PER_INCH))
+    lines = [textwrap.fill(line, width) for line in text.splitlines()]
+    figure.suptitle("\n".join(lines), fontsize=10)
 
 
 def _show(ax: Axes, picture: np.ndarray, title: str | None = None, **title_kwargs: Any) -> None:
@@ -240,11 +249,12 @@ def figure_pca(images: LabelledImages, colours: Tensor, explained: Tensor, backb
         _show(axes[row, 0], pictures[row], name)
         if images.masks is not None:
             _show(axes[row, 1], label_colours(images.masks[row]), "ground truth")
-        _show(axes[row, -1], colours[row].cpu().numpy(), "patch features: PCA → RGB")
-    ratios = ", ".join(f"{100 * float(value):.0f}%" for value in explained)
-    figure.suptitle(
-        f"{backbone_label}\nfirst 3 principal components of all shown patches (explained variance {ratios})",
-        fontsize=10,
+        _show(axes[row, -1], colours[row].cpu().numpy(), "PCA → RGB")
+    ratios = " / ".join(f"{100 * float(value):.0f}%" for value in explained)
+    set_title(
+        figure,
+        f"{backbone_label}\nfirst 3 principal components of the patch features → RGB\n"
+        f"(fitted on all shown patches; variance {ratios})",
     )
     if images.masks is not None:
         _class_legend(figure, images.class_names, images.masks.unique().tolist())
@@ -361,7 +371,7 @@ def figure_clusters(picture: ClusterPicture, title: str) -> Figure:
             overlay = overlay_clusters(views[row, view], picture.cluster_maps[row, view], valid)
             _show(axes[row, 1 + view], overlay, f"view {view + 1}{flipped}")
         axes[row, 0].set_ylabel(f"{kept} objects, {valid.numel() - kept} dropped", fontsize=9)
-    figure.suptitle(title, fontsize=10)
+    set_title(figure, title)
     _cluster_legend(figure)
     return figure
 
@@ -525,7 +535,7 @@ def figure_neighbours(picture: NeighbourPicture, title: str, pairs_per_row: int 
         _draw_pair((axes[row, first], axes[row, first + 1]), picture, views, item)
     consistent = int(picture.neighbours.consistent.sum())
     total = picture.neighbours.consistent.numel()
-    figure.suptitle(f"{title}\n{consistent} of {total} query objects cycle-consistent", fontsize=10)
+    set_title(figure, f"{title}\n{consistent} of {total} query objects cycle-consistent")
     return figure
 
 
@@ -580,7 +590,7 @@ def figure_segmentation(images: LabelledImages, predictions: Tensor, title: str)
             caption = f"prediction ({100 * accuracy:.0f}% pixels right)"
             shown |= set(mask.unique().tolist()) - {255}
         _show(axes[row, 2], label_colours(predictions[row]), caption)
-    figure.suptitle(title, fontsize=10)
+    set_title(figure, title)
     _class_legend(figure, images.class_names, sorted(shown))
     return figure
 
@@ -650,7 +660,10 @@ def load_model(args: argparse.Namespace) -> tuple[VisionTransformer, str, torch.
         )
     except ValueError as err:
         raise ValueError(f"--backbone {args.backbone!r}: {err}") from err
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except RuntimeError as err:
+        raise ValueError(f"--device {args.device!r}: {err} (use auto, cpu, cuda, cuda:N, mps, ...)") from err
     network = "" if info.which is None else f", {info.which}"
     shown = "/".join(Path(str(args.backbone)).parts[-2:])  # run folder and file name of a checkpoint
     label = f"{shown} ({info.arch}/{info.patch_size}{network})"
@@ -781,6 +794,8 @@ def command_clusters(args: argparse.Namespace) -> int:
 @torch.no_grad()
 def command_neighbours(args: argparse.Namespace) -> int:
     """``cribo viz neighbours``: each query object's nearest object in the other images, with the cycle check."""
+    if args.num_queries < 1 or args.max_pairs < 1:
+        raise ValueError(f"--num-queries and --max-pairs must be at least 1, got {args.num_queries}, {args.max_pairs}")
     backbone, label, _ = load_model(args)
     source = load_images(args.images, args.num_images, args.image_size, args.seed)
     if len(source.images) <= args.num_queries:
@@ -913,7 +928,9 @@ def _add_model_and_input_arguments(parser: argparse.ArgumentParser, kind: str) -
 
 def _add_clustering_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-tokens", "--n_tokens", dest="n_tokens", type=int, default=8, help="clusters K [8]")
-    parser.add_argument("--pos-alpha", "--pos_alpha", dest="pos_alpha", type=float, default=1.0, help="[1.0]")
+    parser.add_argument(
+        "--pos-alpha", "--pos_alpha", dest="pos_alpha", type=float, default=1.0, help="weight of the spatial cost [1.0]"
+    )
 
 
 def add_viz_parser(commands: Any) -> None:
@@ -925,23 +942,45 @@ def add_viz_parser(commands: Any) -> None:
     curves.add_argument("--output", help="PNG path (default RUN_DIR/curves.png)")
     curves.set_defaults(func=command_curves)
 
-    pca = kinds.add_parser("pca", help="first 3 principal components of the patch features as RGB")
+    pca = kinds.add_parser(
+        "pca",
+        help="first 3 principal components of the patch features as RGB",
+        description="Each image beside its patch features' first 3 principal components (fitted on all shown "
+        "patches) mapped to RGB, and the ground truth for the built-in scenes.",
+    )
     _add_model_and_input_arguments(pca, "pca")
     pca.set_defaults(func=command_pca)
 
-    clusters = kinds.add_parser("clusters", help="joint-space clusters (objects) of two views of each image")
+    clusters = kinds.add_parser(
+        "clusters",
+        help="joint-space clusters (objects) of two views of each image",
+        description="Two augmented views (crop and flip) of each image, coloured by the joint-space clustering "
+        "of the backbone's patch tokens of both views: what CrIBo's teacher sees as objects. Clusters empty in "
+        "either view are dropped (grey).",
+    )
     _add_model_and_input_arguments(clusters, "clusters")
     _add_clustering_arguments(clusters)
     clusters.set_defaults(func=command_clusters)
 
-    neighbours = kinds.add_parser("neighbours", help="cross-image nearest objects with the cycle-consistency check")
+    neighbours = kinds.add_parser(
+        "neighbours",
+        help="cross-image nearest objects with the cycle-consistency check",
+        description="Objects of the first --num-queries images and, beside each, its cosine nearest object among "
+        "the other images' objects (a memory bank, as in training), with the cycle-consistency check's outcome.",
+    )
     _add_model_and_input_arguments(neighbours, "neighbours")
     _add_clustering_arguments(neighbours)
     neighbours.add_argument("--num-queries", type=int, default=2, help="leading images used as queries [2]")
     neighbours.add_argument("--max-pairs", type=int, default=8, help="query objects drawn [8]")
     neighbours.set_defaults(func=command_neighbours)
 
-    segmentation = kinds.add_parser("segmentation", help="dense NN retrieval predictions next to the ground truth")
+    segmentation = kinds.add_parser(
+        "segmentation",
+        help="dense NN retrieval predictions next to the ground truth",
+        description="Validation images, their ground truth and the dense nearest-neighbour retrieval prediction "
+        "(the `cribo eval nn` protocol) from a bank of --train-images labelled training images. With --images, "
+        "those files are labelled from the dataset's bank (no ground truth).",
+    )
     _add_model_and_input_arguments(segmentation, "segmentation")
     segmentation.add_argument("--dataset", choices=["scenes", "voc", "ade20k", "folder"], default="scenes")
     segmentation.add_argument("--data-root", help="dataset folder (voc, ade20k, folder)")

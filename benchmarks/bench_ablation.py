@@ -1,0 +1,369 @@
+"""Ablation of CrIBo's loss terms on the built-in scenes: random init, DINO-only, CrIBo without the cross-image
+term, full CrIBo; several seeds each; dense NN retrieval and linear-probe mIoU of the teacher (issue 5, item 6).
+
+Every trained variant is the library's own loop (``cribo.train.build_trainer`` / ``fit``) with the loss-term
+weights of ``LossConfig`` set by configuration overrides; "random init" is the teacher before the first step,
+i.e. the weights every variant of that seed starts from, so differences are paired by seed. The teacher is
+evaluated at step 0, every ``--eval-every`` steps (NN) and at the end (NN and linear).
+
+    python benchmarks/bench_ablation.py                      # CPU scale: 3 seeds x 3 trained variants
+    python benchmarks/bench_ablation.py --device cuda        # ViT-S/16 at 224 px (meant to separate the variants)
+    python benchmarks/bench_ablation.py --quick              # seconds; smoke test
+
+Runs live in ``runs/quality/ablation/<scale>-<hash of the settings>/<variant>-seed<seed>/`` (gitignored); a
+finished run is reused and an interrupted one resumes. Results: ``benchmarks/results/ablation.md`` and
+``ablation_curves.png`` (``--quick`` writes to a temporary folder). Importing this module has no side effects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import common
+import quality_common as qc
+
+SCRIPT = "bench_ablation.py"
+TRAINED = ("dino", "no_cross_image", "cribo")
+CURVES: tuple[tuple[str, str], ...] = (
+    ("d_loss", "global (DINO) loss"),
+    ("s_loss", "object cross-view loss"),
+    ("nn_loss", "object cross-image loss"),
+    ("bootstrap_centroid_ratio", "cycle-consistent ratio"),
+    ("r_cnt", "objects per image"),
+)
+COMPARISONS: tuple[tuple[str, str], ...] = (
+    ("cribo", "dino"),
+    ("cribo", "no_cross_image"),
+    ("no_cross_image", "dino"),
+    ("dino", "random"),
+    ("no_cross_image", "random"),
+    ("cribo", "random"),
+)
+EFFECT = 0.01  # mIoU difference the budget estimate asks to resolve
+
+logger = logging.getLogger("bench_ablation")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny network and data, a few steps (smoke test)")
+    parser.add_argument("--device", default="cpu", help="cpu (CPU scale) or cuda / cuda:N (GPU scale)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="pretraining seeds (default 0 1 2)")
+    parser.add_argument(
+        "--variants", nargs="+", choices=list(qc.VARIANTS), default=list(qc.VARIANTS), help="arms to run"
+    )
+    parser.add_argument("--steps", type=int, default=None, help="training steps per run (default: the scale's)")
+    parser.add_argument("--eval-every", type=int, default=None, help="NN evaluation every N steps (default steps/4)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="config override (all)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--runs-dir", type=Path, default=qc.RUNS_DIR / "ablation", help="where runs are kept")
+    parser.add_argument("--results-dir", type=Path, default=None, help="where ablation.md / the PNG go")
+    parser.add_argument("--name", default="ablation", help="results file stem (ablation -> ablation.md)")
+    return parser
+
+
+def run_settings(args: argparse.Namespace, scale: qc.Scale) -> tuple[dict[str, Any], int]:
+    """The overrides shared by every variant (scale + --steps + --set) and the evaluation interval."""
+    from cribo import config as config_lib
+
+    extra = qc.parse_overrides(args.set)
+    probe = qc.training_config(scale, Path("unused"), 0, args.device, args.threads, extra)
+    iters = probe.data.scenes_num_images // probe.optim.batch_size_per_gpu
+    if args.steps is not None:
+        if args.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {args.steps}")
+        extra["epochs"] = math.ceil(args.steps / iters)
+        extra["max_steps"] = args.steps
+    config = qc.training_config(scale, Path("unused"), 0, args.device, args.threads, extra)
+    total = qc.steps_per_run(config)
+    every = args.eval_every if args.eval_every is not None else max(1, total // 4)
+    shared = config_lib.to_dict(config)
+    for section in ("run",):
+        for key in ("output_dir", "seed", "threads"):
+            shared[section].pop(key, None)
+    return {"extra": extra, "config": shared, "eval": vars(scale.evaluation), "eval_every": every}, every
+
+
+def settings_tag(scale: qc.Scale, settings: dict[str, Any]) -> str:
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{scale.name}-{digest}"
+
+
+def run_all(args: argparse.Namespace, scale: qc.Scale, seeds: Sequence[int]) -> dict[tuple[str, int], qc.RunRecord]:
+    """Train (or reuse) every (variant, seed); seed-major so that partial sweeps hold whole seeds."""
+    settings, every = run_settings(args, scale)
+    root = args.runs_dir / settings_tag(scale, settings)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "settings.json").write_text(json.dumps(settings, indent=1))
+    data = qc.EvalData.build(scale.evaluation, args.device)
+    trained = [v for v in TRAINED if v in args.variants]
+    records: dict[tuple[str, int], qc.RunRecord] = {}
+    for seed in seeds:
+        for variant in trained or ["random"]:
+            extra = dict(settings["extra"])
+            extra.update(qc.VARIANTS[variant].weights or {})
+            config = qc.training_config(scale, root / f"{variant}-seed{seed}", seed, args.device, args.threads, extra)
+            record = qc.train_and_evaluate(config, variant, data, every, {**settings, "variant": variant}, _log)
+            records[(variant, seed)] = record
+            _log(f"done {variant} seed {seed}: final NN mIoU {record.final()['nn']['miou']:.4f}")
+        if "random" in args.variants:
+            source = records[(trained[0] if trained else "random", seed)]
+            records[("random", seed)] = qc.RunRecord("random", seed, 0, evals={0: source.evals[0]}, complete=True)
+    (root / "summary.json").write_text(json.dumps({f"{v}/{s}": r.to_json() for (v, s), r in records.items()}))
+    return records
+
+
+def _log(message: str) -> None:
+    logger.info(message)
+    sys.stderr.flush()
+
+
+# ------------------------------------------------------------------------------------------------ tables
+
+
+def final_metric(record: qc.RunRecord, protocol: str) -> float:
+    scores = record.final()[protocol]
+    return math.nan if scores is None else float(scores["miou"])
+
+
+def per_variant(records: dict[tuple[str, int], qc.RunRecord], variant: str, seeds: Sequence[int]) -> list[qc.RunRecord]:
+    return [records[(variant, seed)] for seed in seeds if (variant, seed) in records]
+
+
+def last_window(history: list[dict[str, float]], key: str, fraction: float = 0.25) -> float:
+    """Mean of ``key`` over the last ``fraction`` of the logged rows."""
+    values = [row[key] for row in history if key in row]
+    if not values:
+        return math.nan
+    tail = values[-max(1, int(len(values) * fraction)) :]
+    return sum(tail) / len(tail)
+
+
+def main_table(records: dict[tuple[str, int], qc.RunRecord], variants: Sequence[str], seeds: Sequence[int]) -> str:
+    rows = []
+    for variant in variants:
+        runs = per_variant(records, variant, seeds)
+        nn = [final_metric(r, "nn") for r in runs]
+        linear = [final_metric(r, "linear") for r in runs]
+        losses = [
+            qc.fmt(qc.summarize([last_window(r.history, key) for r in runs]).mean, 2) if variant != "random" else "–"
+            for key in ("d_loss", "s_loss", "nn_loss")
+        ]
+        rows.append(
+            [
+                qc.VARIANTS[variant].label,
+                len(runs),
+                qc.summarize(nn).text(),
+                qc.summarize(linear).text(),
+                ", ".join(qc.fmt(v) for v in nn),
+                ", ".join(qc.fmt(v) for v in linear),
+                " / ".join(losses),
+            ]
+        )
+    headers = [
+        "variant",
+        "seeds",
+        "NN mIoU mean ± std [95 % CI]",
+        "linear mIoU mean ± std [95 % CI]",
+        "NN per seed",
+        "linear per seed",
+        "final global / object / cross-image loss",
+    ]
+    return common.markdown_table(headers, rows)
+
+
+def paired(records: dict[tuple[str, int], qc.RunRecord], a: str, b: str, seeds: Sequence[int], protocol: str) -> qc.Summary:
+    values = [
+        final_metric(records[(a, s)], protocol) - final_metric(records[(b, s)], protocol)
+        for s in seeds
+        if (a, s) in records and (b, s) in records
+    ]
+    return qc.summarize(values)
+
+
+def difference_table(records: dict[tuple[str, int], qc.RunRecord], variants: Sequence[str], seeds: Sequence[int]) -> str:
+    rows = []
+    for a, b in COMPARISONS:
+        if a not in variants or b not in variants:
+            continue
+        nn, linear = paired(records, a, b, seeds, "nn"), paired(records, a, b, seeds, "linear")
+        verdict = []
+        for name, summary in (("NN", nn), ("linear", linear)):
+            if summary.n >= 2 and math.isfinite(summary.half_width):
+                low, high = summary.mean - summary.half_width, summary.mean + summary.half_width
+                verdict.append(f"{name}: " + ("> 0" if low > 0 else "< 0" if high < 0 else "not resolved"))
+        rows.append(
+            [
+                f"{qc.VARIANTS[a].label} − {qc.VARIANTS[b].label}",
+                nn.n,
+                nn.text(),
+                linear.text(),
+                "; ".join(verdict) or "–",
+            ]
+        )
+    headers = ["paired difference (same seed)", "seeds", "Δ NN mIoU mean ± std [95 % CI]", "Δ linear mIoU", "sign"]
+    return common.markdown_table(headers, rows)
+
+
+def step_table(records: dict[tuple[str, int], qc.RunRecord], variants: Sequence[str], seeds: Sequence[int]) -> str:
+    trained = [v for v in variants if v != "random"]
+    steps = sorted({step for v in trained for r in per_variant(records, v, seeds) for step in r.evals})
+    rows = []
+    for step in steps:
+        row: list[object] = [step]
+        for variant in trained:
+            values = [r.evals[step]["nn"]["miou"] for r in per_variant(records, variant, seeds) if step in r.evals]
+            row.append(qc.summarize(values).text(interval=False))
+        rows.append(row)
+    return common.markdown_table(["step", *(qc.VARIANTS[v].label for v in trained)], rows)
+
+
+def class_table(
+    records: dict[tuple[str, int], qc.RunRecord], variants: Sequence[str], seeds: Sequence[int], names: Sequence[str]
+) -> str:
+    rows = []
+    for variant in variants:
+        runs = per_variant(records, variant, seeds)
+        cells = []
+        for name in names:
+            values = [r.final()["nn"]["per_class_iou"].get(name) for r in runs]
+            cells.append(qc.fmt(qc.summarize([v for v in values if v is not None]).mean))
+        rows.append([qc.VARIANTS[variant].label, *cells])
+    return common.markdown_table(["variant (NN IoU per class, mean over seeds)", *names], rows)
+
+
+# ------------------------------------------------------------------------------------------------ figure
+
+
+def plot_curves(records: dict[tuple[str, int], qc.RunRecord], variants: Sequence[str], seeds: Sequence[int], path: Path) -> Path:
+    """Training curves (mean over seeds) per variant, and the teacher's NN mIoU against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7), constrained_layout=True)
+    trained = [v for v in variants if v != "random"]
+    for ax, (key, title) in zip(axes.flat, CURVES):
+        for variant in trained:
+            steps, means = mean_curve([r.history for r in per_variant(records, variant, seeds)], key)
+            ax.plot(steps, means, label=qc.VARIANTS[variant].label)
+        ax.set_title(title + (" (logged, not trained, where its weight is 0)" if key in ("s_loss", "nn_loss") else ""),
+                     fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    ax = axes.flat[5]
+    for variant in trained:
+        runs = per_variant(records, variant, seeds)
+        steps = sorted({s for r in runs for s in r.evals})
+        means = [qc.summarize([r.evals[s]["nn"]["miou"] for r in runs if s in r.evals]).mean for s in steps]
+        ax.plot(steps, means, marker="o", label=qc.VARIANTS[variant].label)
+    ax.set_title("teacher dense NN mIoU (val scenes)", fontsize=9)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(f"CrIBo ablation on the built-in scenes: mean over seeds {list(seeds)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def mean_curve(histories: list[list[dict[str, float]]], key: str) -> tuple[list[float], list[float]]:
+    """Mean of ``key`` over runs at each logged step present in every run."""
+    by_step: dict[float, list[float]] = {}
+    for history in histories:
+        for row in history:
+            if key in row:
+                by_step.setdefault(row["step"], []).append(row[key])
+    steps = sorted(s for s, v in by_step.items() if len(v) == len(histories))
+    return steps, [sum(by_step[s]) / len(by_step[s]) for s in steps]
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def interpretation(records: dict[tuple[str, int], qc.RunRecord], variants: Sequence[str], seeds: Sequence[int]) -> str:
+    """A plain-language reading generated from the numbers (which comparisons are resolved, what budget)."""
+    lines = []
+    for a, b in COMPARISONS[:3]:
+        if a in variants and b in variants:
+            d = paired(records, a, b, seeds, "nn")
+            if d.n >= 2:
+                state = (
+                    "resolved" if abs(d.mean) > d.half_width else "not resolved (the 95 % interval contains 0)"
+                )
+                need = qc.seeds_needed(d.std, EFFECT)
+                lines.append(
+                    f"- {qc.VARIANTS[a].label} − {qc.VARIANTS[b].label}: NN mIoU {d.mean:+.4f} ± {d.half_width:.4f} "
+                    f"(95 %), {state}; with a paired std of {d.std:.4f}, a 95 % interval of ±{EFFECT} needs about "
+                    f"{need} seeds at this budget."
+                )
+    return "\n".join(lines)
+
+
+def write_report(
+    args: argparse.Namespace,
+    argv: Sequence[str],
+    scale: qc.Scale,
+    records: dict[tuple[str, int], qc.RunRecord],
+    seeds: Sequence[int],
+    names: Sequence[str],
+    info: dict[str, Any],
+) -> Path:
+    folder = qc.results_folder(args.results_dir, args.quick)
+    variants = [v for v in qc.VARIANTS if v in args.variants]
+    figure = plot_curves(records, variants, seeds, folder / f"{args.name}_curves.png")
+    any_run = next(r for (v, _), r in records.items() if v != "random") if set(variants) - {"random"} else None
+    steps = any_run.steps if any_run else 0
+    minutes = [r.seconds / 60 for (v, _), r in records.items() if v != "random" and r.seconds]
+    body = [
+        f"Setup: {scale.description}; {steps} steps per run, seeds {list(seeds)}, extra overrides "
+        f"`{' '.join(args.set) or 'none'}`. The teacher is evaluated on {scale.evaluation.val_images} held-out "
+        f"val scenes at {scale.evaluation.input_size} px: dense NN retrieval (bank = "
+        f"{scale.evaluation.train_images} train scenes, k = {scale.evaluation.k}, temperature "
+        f"{scale.evaluation.temperature}) and a linear probe ({scale.evaluation.linear_steps} steps). Random init "
+        "= the teacher at step 0 of the same seed (paired). Wall time per training run (including its "
+        f"evaluations): {qc.fmt(min(minutes), 1) if minutes else '–'}–{qc.fmt(max(minutes), 1) if minutes else '–'} "
+        "min on this machine.",
+        main_table(records, variants, seeds),
+        difference_table(records, variants, seeds),
+        "Teacher dense NN mIoU against the training step (mean ± std over seeds):",
+        step_table(records, variants, seeds),
+        class_table(records, variants, seeds, names),
+        f"![training curves]({figure.name})",
+        interpretation(records, variants, seeds),
+        qc.noise_note(info),
+    ]
+    title = "Quality: loss-term ablation on the built-in scenes" + (" (quick smoke run)" if args.quick else "")
+    command = common.command_line(SCRIPT, argv)
+    return common.write_section(folder, args.name, title, command, info, body)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    scale = qc.scale_for(args.quick, args.device)
+    seeds = args.seeds if args.seeds is not None else ([0, 1] if args.quick else [0, 1, 2])
+    info = common.machine_info(args.threads, args.device)
+    records = run_all(args, scale, seeds)
+    names = qc.EvalData.build(scale.evaluation, "cpu").class_names
+    path = write_report(args, argv, scale, records, seeds, names, info)
+    print(path.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

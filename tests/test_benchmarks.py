@@ -1,0 +1,126 @@
+"""Smoke tests of the speed and memory benchmarks: each script's --quick mode, run in this process.
+
+The full measurements take minutes and are not tests; the subprocess path (a fresh worker per measurement) is
+covered by one slow test.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+# Smoke runs measure nothing: one thread keeps them fast on a shared 2-core machine (no OpenMP contention).
+ONE_THREAD = ("--threads", "1")
+
+
+@pytest.fixture
+def bench(monkeypatch: pytest.MonkeyPatch) -> object:
+    """Import a benchmark module by name, with ``benchmarks/`` on the path."""
+    monkeypatch.syspath_prepend(str(BENCH_DIR))
+
+    def load(name: str) -> ModuleType:
+        return importlib.import_module(name)
+
+    return load
+
+
+def test_common_helpers(bench) -> None:
+    common = bench("common")
+    assert common.loglog_slope([1, 2, 4, 8], [3, 12, 48, 192]) == pytest.approx(2.0)
+    assert math.isnan(common.loglog_slope([1], [1]))
+    assert common.median([3.0, 1.0, 2.0]) == 2.0
+    table = common.markdown_table(["a", "b"], [[1, 2]])
+    assert table.splitlines()[0] == "| a | b |" and table.splitlines()[2] == "| 1 | 2 |"
+    info = common.machine_info(2)
+    assert {"cpu", "cores", "torch", "threads", "date", "load_average"} <= info.keys()
+
+
+def test_peak_rise_sees_an_allocation(bench) -> None:
+    common = bench("common")
+    with common.PeakRise() as rise:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        del block
+    if rise.exact:
+        assert 48 < rise.rise_mib < 200
+
+
+def test_step_quick(bench, tmp_path: Path) -> None:
+    bench_step = bench("bench_step")
+    assert bench_step.main(["--quick", "--in-process", *ONE_THREAD, "--output-dir", str(tmp_path)]) == 0
+    text = (tmp_path / "bench_step.md").read_text()
+    assert "| tiny |" in text and "DINO" in text and "Load average" in text
+    for phase in bench_step.AUTHOR_PHASES:
+        assert phase in text
+
+
+def test_step_phase_map_covers_every_lap(bench) -> None:
+    bench_step = bench("bench_step")
+    mapped = [lap for laps in bench_step.PHASE_MAP.values() for lap in laps]
+    assert sorted(mapped) == sorted(bench_step.FINE_PHASES)
+
+
+def test_parts_quick(bench, tmp_path: Path) -> None:
+    bench_parts = bench("bench_parts")
+    assert bench_parts.main(["--quick", "--in-process", *ONE_THREAD, "--output-dir", str(tmp_path)]) == 0
+    text = (tmp_path / "bench_parts.md").read_text()
+    assert "clustering" in text and "bank search + update" in text and "colour=False" in text
+
+
+def test_scaling_quick(bench, tmp_path: Path) -> None:
+    bench_scaling = bench("bench_scaling")
+    assert bench_scaling.main(["--quick", "--in-process", *ONE_THREAD, "--output-dir", str(tmp_path)]) == 0
+    text = (tmp_path / "bench_scaling.md").read_text()
+    assert "measured exponent" in text
+    for sweep in bench_scaling.SWEEPS:
+        assert (tmp_path / f"scaling_{sweep.name}.png").stat().st_size > 0
+
+
+def test_gpu_script_quick_on_cpu(bench, tmp_path: Path) -> None:
+    bench_gpu = bench("bench_gpu")
+    assert bench_gpu.main(["--device", "cpu", "--quick", *ONE_THREAD, "--output-dir", str(tmp_path)]) == 0
+    text = (tmp_path / "bench_gpu.md").read_text()
+    assert "tiny-bf16" in text and "Parts on the device" in text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the section written when CUDA is absent")
+def test_gpu_script_without_cuda_says_so(bench, tmp_path: Path) -> None:
+    bench_gpu = bench("bench_gpu")
+    assert bench_gpu.main(["--output-dir", str(tmp_path)]) == 0
+    assert "no GPU was available" in (tmp_path / "bench_gpu.md").read_text()
+
+
+def test_report_orders_sections_and_rewrites_links(bench, tmp_path: Path) -> None:
+    report = bench("report")
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    (results / "zzz_other.md").write_text("## Other\n\nbody\n")
+    (results / "bench_parts.md").write_text("## Parts alone (CPU)\n\nparts\n")
+    (results / "bench_step.md").write_text("## One training step (CPU)\n\n![plot](scaling_batch.png)\n")
+    output = report.assemble(results, tmp_path / "BENCHMARKS.md")
+    text = output.read_text()
+    assert text.index("## One training step") < text.index("## Parts alone") < text.index("## Other")
+    assert "](benchmarks/results/scaling_batch.png)" in text
+    assert "`python benchmarks/bench_scaling.py`" in text  # missing speed section is listed
+
+
+@pytest.mark.slow
+def test_step_quick_in_fresh_subprocesses(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCH_DIR / "bench_step.py"), "--quick", "--output-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(BENCH_DIR.parent / "src")},
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "fresh subprocess" in (tmp_path / "bench_step.md").read_text()
