@@ -89,9 +89,18 @@ def measure_clustering(job: dict[str, Any]) -> dict[str, Any]:
     def call() -> None:
         joint_space_clustering(tokens, positions, job["clusters"], 1.0, generator=generator)
 
+    sync = common.device_sync(device)
+    with common.PeakRise(device) as first:
+        common.time_calls(call, 0, job["warmup"], sync)
     with common.PeakRise(device) as rise:
-        times = common.time_calls(call, job["warmup"], job["repeat"], common.device_sync(device))
-    return {"seconds": common.median(times), "times": times, "rise_mib": rise.rise_mib, "exact": rise.exact}
+        times = common.time_calls(call, 0, job["repeat"], sync)
+    return {
+        "seconds": common.median(times),
+        "times": times,
+        "rise_mib": rise.rise_mib,
+        "first_rise_mib": first.rise_mib,
+        "exact": rise.exact,
+    }
 
 
 def measure_bank(job: dict[str, Any]) -> dict[str, Any]:
@@ -118,21 +127,28 @@ def measure_bank(job: dict[str, Any]) -> dict[str, Any]:
     queries = [torch.randn(per_view, 2, job["dim"], generator=generator).to(device) for _ in range(calls)]
     per_image = torch.full((job["images"],), job["objects"], dtype=torch.int64, device=device)
     times, found = [], []
+
+    def call(objects: Any) -> None:
+        sync()
+        start = time.perf_counter()
+        matches = match_objects(objects, bank, chunk_size=chunk_size)
+        bank.push(objects, per_image)
+        sync()
+        times.append(time.perf_counter() - start)
+        found.append(float(matches.cycle_mask.sum()))
+
+    with common.PeakRise(device) as first:
+        for objects in queries[: job["warmup"]]:
+            call(objects)
+    del times[:]
     with common.PeakRise(device) as rise:
-        for index, objects in enumerate(queries):
-            sync()
-            start = time.perf_counter()
-            matches = match_objects(objects, bank, chunk_size=chunk_size)
-            bank.push(objects, per_image)
-            sync()
-            elapsed = time.perf_counter() - start
-            found.append(float(matches.cycle_mask.sum()))
-            if index >= job["warmup"]:
-                times.append(elapsed)
+        for objects in queries[job["warmup"] :]:
+            call(objects)
     return {
         "seconds": common.median(times),
         "times": times,
         "rise_mib": rise.rise_mib,
+        "first_rise_mib": first.rise_mib,
         "exact": rise.exact,
         "bank_mib": bank_mib,
         "alloc_s": alloc_s,
@@ -203,6 +219,11 @@ def run_job(job: dict[str, Any], in_process: bool) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ report
 
 
+def _rise(res: dict[str, Any]) -> str:
+    """Steady-state rise, with the first (warm-up) call's rise beside it."""
+    return f"+{res['rise_mib']:.0f} MiB (first call +{res['first_rise_mib']:.0f})"
+
+
 def _ok(ok: bool) -> str:
     return "**pass**" if ok else "**FAIL**"
 
@@ -218,7 +239,7 @@ def parts_table(results: dict[str, dict[str, Any]], sizes: dict[str, dict[str, A
             "clustering",
             f"{c['images']} images, 2N = {2 * (c['image_size'] // 16) ** 2}, d = {c['dim']}, K = {c['clusters']}",
             f"{clustering['seconds']:.3f} s",
-            f"+{clustering['rise_mib']:.0f} MiB",
+            _rise(clustering),
             goal.authors_time,
             goal.authors_memory,
             f"≤ {goal.max_seconds} s {_ok(clustering['seconds'] <= goal.max_seconds)}; "
@@ -236,7 +257,7 @@ def parts_table(results: dict[str, dict[str, Any]], sizes: dict[str, dict[str, A
                 f"bank {b['capacity']} images x {b['objects']} x {b['dim']} ({res['bank_mib']:.0f} MiB), "
                 f"{b['images']} images ({b['images'] * b['objects']} objects / view)",
                 f"{res['seconds']:.3f} s",
-                f"+{res['rise_mib']:.0f} MiB",
+                _rise(res),
                 goal.authors_time,
                 goal.authors_memory,
                 f"≤ {goal.max_seconds} s {_ok(res['seconds'] <= goal.max_seconds)}; "
@@ -272,7 +293,9 @@ def report(args: Any, results: dict[str, dict[str, Any]], sizes: dict[str, Any],
         f"{sizes['clustering']['warmup']} warm-up + {sizes['clustering']['repeat']} measured calls; augmentation: "
         f"median over {sizes['augment']['rounds']} rounds of the mean of {sizes['augment']['calls']} images). "
         "*Peak RSS rise* is the process's peak resident set during the measured calls above its resident set "
-        "just before them (the kernel's peak counter is reset first), so the 2.4 GB bank itself is not counted. "
+        "just before them (the kernel's peak counter is reset first), so the 2.4 GB bank itself is not counted; "
+        "the goals are checked on the measured (steady-state) calls; the rise of the first (warm-up) call, "
+        "which includes one-time growth of the process (allocator arenas, kernels' first use), is shown beside it. "
         "The authors' figures come from another run of their code on a machine of the same kind (2 cores), "
         "reference/README.md." + (" **Quick mode: tiny settings, not comparable.**" if args.quick else ""),
         parts_table(results, sizes),

@@ -398,6 +398,7 @@ def dino_step(trainer: Any, batch: Any, clock: common.PhaseClock | None = None) 
 def measure(job: dict[str, Any]) -> dict[str, Any]:
     """One configuration in this process: build, warm up, time the plain step, then the instrumented one."""
     common.set_threads(job["threads"])
+    malloc_kept = common.keep_freed_memory() if job.get("malloc_keep") else False
     import torch
 
     from cribo.train import train_step
@@ -421,7 +422,11 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
             else:
                 train_step(trainer, batch)
 
-        times = common.time_calls(plain, job["warmup"], job["repeat"], sync)
+        for _ in range(job["warmup"]):
+            plain()
+        cpu = common.CpuTimes().start()
+        times = common.time_calls(plain, 0, job["repeat"], sync)
+        cpu.stop()
     result: dict[str, Any] = {
         "setting": setting.name,
         "kind": job["kind"],
@@ -433,6 +438,10 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
         "peak_rss_mib": whole.baseline_mib + whole.rise_mib,
         "process_peak_rss_mib": common.process_peak_rss_mib(),
         "peak_exact": whole.exact,
+        "user_s": cpu.user_s / job["repeat"],
+        "system_s": cpu.system_s / job["repeat"],
+        "minor_faults": cpu.minor_faults / job["repeat"],
+        "malloc_kept": malloc_kept,
     }
     if trainer.device.type == "cuda":
         result["peak_device_mib"] = torch.cuda.max_memory_allocated(trainer.device) / common.MIB
@@ -645,8 +654,9 @@ def _split_notes() -> str:
     )
 
 
-def report(args: Any, cribo: dict[str, dict[str, Any]], dino: dict[str, dict[str, Any]], argv: Sequence[str]) -> Path:
+def report(args: Any, runs: dict[str, dict[str, dict[str, Any]]], argv: Sequence[str]) -> Path:
     """Write benchmarks/results/bench_step.md."""
+    cribo, dino = runs["cribo"], runs["dino"]
     info = common.machine_info(args.threads, args.device)
     body = [
         *_intro(args.quick, args.in_process),
@@ -663,9 +673,55 @@ def report(args: Any, cribo: dict[str, dict[str, Any]], dino: dict[str, dict[str
         "student; no clustering, no object head (`out_dim_c` = 1), no bank.",
         *floor_tables(cribo, dino),
         _floor_notes(cribo, dino),
+        *malloc_section(cribo, runs["cribo_malloc"]),
     ]
     command = common.command_line(SCRIPT.name, argv)
     return common.write_section(common.output_dir(args), "bench_step", "One training step (CPU)", command, info, body)
+
+
+def malloc_section(cribo: dict[str, dict[str, Any]], kept: dict[str, dict[str, Any]]) -> list[str]:
+    """CPU time split (user / system), page faults, and the same step with glibc keeping freed memory."""
+    rows = []
+    for name, res in cribo.items():
+        row = [
+            name,
+            common.fmt(res["seconds"], 3),
+            f"{res['user_s']:.2f} / {res['system_s']:.2f}",
+            f"{res['minor_faults'] / 1e3:.0f} k",
+        ]
+        if name in kept:
+            alt = kept[name]
+            authors = AUTHORS.get(name)
+            row += [
+                common.fmt(alt["seconds"], 3),
+                f"{alt['user_s']:.2f} / {alt['system_s']:.2f}",
+                f"{alt['minor_faults'] / 1e3:.0f} k",
+                common.fmt(authors.seconds / alt["seconds"]) + "×" if authors else "–",
+                f"{res['peak_rss_mib']:.0f} / {alt['peak_rss_mib']:.0f}",
+            ]
+        else:
+            row += ["–"] * 5
+        rows.append(row)
+    headers = [
+        "config",
+        "s / step",
+        "CPU user / system s per step",
+        "minor page faults per step",
+        "s / step, malloc keeps memory",
+        "CPU user / system s",
+        "page faults",
+        "speed-up vs authors",
+        "peak RSS MiB default / kept",
+    ]
+    return [
+        "### Diagnostic: kernel time from page faults",
+        "The step's CPU time split into user and system (kernel) time, with the minor page faults per step. "
+        "glibc serves every allocation above 32 MiB (a (2n, 65 536) float32 tensor is ~125 MB at A) with a fresh "
+        "`mmap` and unmaps it when freed, so each large temporary is page-faulted in again. The right-hand "
+        "columns are the same step in a worker that first calls `mallopt(M_MMAP_THRESHOLD / M_TRIM_THRESHOLD, "
+        "2 GiB)` (`common.keep_freed_memory`): *not the library's default*, shown to size the effect.",
+        common.markdown_table(headers, rows),
+    ]
 
 
 def _floor_notes(cribo: dict[str, dict[str, Any]], dino: dict[str, dict[str, Any]]) -> str:
@@ -695,6 +751,12 @@ def parse_args(argv: Sequence[str]) -> Any:
     parser.add_argument("--repeat", type=int, default=None, help="measured steps (default 5; 1 with --quick)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--in-process", action="store_true", help="measure in this process (no fresh subprocess)")
+    parser.add_argument(
+        "--no-malloc-diagnostic",
+        dest="malloc_diagnostic",
+        action="store_false",
+        help="skip the extra CrIBo runs with glibc malloc keeping freed memory (page-fault diagnostic)",
+    )
     args = parser.parse_args(argv)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     args.repeat = args.repeat if args.repeat is not None else (1 if args.quick else 5)
@@ -710,22 +772,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     pool = QUICK_SETTINGS if args.quick else SETTINGS
     names = args.configs.split(",") if args.configs else list(pool)
-    cribo: dict[str, dict[str, Any]] = {}
-    dino: dict[str, dict[str, Any]] = {}
+    runs: dict[str, dict[str, dict[str, Any]]] = {"cribo": {}, "dino": {}, "cribo_malloc": {}}
+    # The malloc diagnostic changes the process's allocator for good: only in fresh workers.
+    kinds = ["cribo", "dino"] + ([] if args.in_process or not args.malloc_diagnostic else ["cribo_malloc"])
     for name in names:
         if name not in pool:
             raise SystemExit(f"--configs: unknown configuration {name!r}; valid: {sorted(pool)}")
         base = {"setting": dataclasses.asdict(pool[name]), "device": args.device, "threads": args.threads}
         base |= {"warmup": args.warmup, "repeat": args.repeat}
-        for kind, store in (("cribo", cribo), ("dino", dino)):
-            store[name] = run_job({**base, "kind": kind}, args.in_process)
-            res = store[name]
+        for kind in kinds:
+            job = {**base, "kind": kind.split("_")[0], "malloc_keep": kind.endswith("malloc")}
+            res = runs[kind][name] = run_job(job, args.in_process)
             print(
-                f"{name} {kind:5s}: {res['seconds']:.3f} s/step ({pool[name].batch / res['seconds']:.1f} img/s), "
-                f"peak RSS {res['peak_rss_mib']:.0f} MiB, split sum {res['instrumented_seconds']:.3f} s",
+                f"{name} {kind:12s}: {res['seconds']:.3f} s/step ({pool[name].batch / res['seconds']:.1f} img/s), "
+                f"peak RSS {res['peak_rss_mib']:.0f} MiB, system {res['system_s']:.2f} s/step, "
+                f"split sum {res['instrumented_seconds']:.3f} s",
                 flush=True,
             )
-    path = report(args, cribo, dino, argv)
+    path = report(args, runs, argv)
     print(f"wrote {path}")
     return 0
 

@@ -40,6 +40,8 @@ RESULT_MARK = "@@cribo-bench-result@@"
 DEFAULT_THREADS = 2  # the authors' figures were taken with 2 threads on a 2-core machine
 MIB = 2**20
 WORKER_TIMEOUT_S = 1800
+M_TRIM_THRESHOLD = -1  # glibc mallopt parameter numbers (malloc.h)
+M_MMAP_THRESHOLD = -3
 
 
 # ------------------------------------------------------------------------------------------------ machine
@@ -260,6 +262,47 @@ class PeakRise:
             self.rise_mib = torch.cuda.max_memory_allocated(self.device) / MIB - self.baseline_mib
         else:
             self.rise_mib = peak_rss_mib() - self.baseline_mib
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc malloc to keep freed blocks instead of unmapping them (a diagnostic, not the library's default).
+
+    By default glibc serves every allocation above 32 MiB with a fresh ``mmap`` and unmaps it on free, so each
+    large temporary tensor is page-faulted in again (kernel time). Raising ``M_MMAP_THRESHOLD`` and
+    ``M_TRIM_THRESHOLD`` to 2 GiB keeps them in the heap for reuse. Returns False where ``mallopt`` is absent.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        limit = ctypes.c_int(2**31 - 1)
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, limit)) and bool(libc.mallopt(M_TRIM_THRESHOLD, limit))
+    except (OSError, AttributeError):
+        return False
+
+
+@dataclass
+class CpuTimes:
+    """User and system CPU seconds and minor page faults of this process, between ``start()`` and ``stop()``."""
+
+    user_s: float = 0.0
+    system_s: float = 0.0
+    minor_faults: int = 0
+
+    def start(self) -> CpuTimes:
+        self._start = resource.getrusage(resource.RUSAGE_SELF)
+        return self
+
+    def stop(self) -> CpuTimes:
+        end = resource.getrusage(resource.RUSAGE_SELF)
+        self.user_s = end.ru_utime - self._start.ru_utime
+        self.system_s = end.ru_stime - self._start.ru_stime
+        self.minor_faults = end.ru_minflt - self._start.ru_minflt
+        return self
 
 
 def device_sync(device: Any) -> Callable[[], None] | None:

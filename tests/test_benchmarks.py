@@ -124,3 +124,21 @@ def test_step_quick_in_fresh_subprocesses(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "fresh subprocess" in (tmp_path / "bench_step.md").read_text()
+
+
+def test_instrumented_step_matches_train_step(bench) -> None:
+    """The timed copy of the step does the library's work: same weights, centres and bank afterwards."""
+    bench_step = bench("bench_step")
+    from cribo.train import train_step
+
+    setting = bench_step.QUICK_SETTINGS["tiny"]
+    batch = bench_step.random_batch(setting, seed=3)
+    trainers = [bench_step.build_step_trainer(setting, "cpu", 1) for _ in range(2)]
+    torch.manual_seed(11)
+    train_step(trainers[0], batch)
+    torch.manual_seed(11)
+    bench_step.instrumented_step(trainers[1], batch, bench_step.common.PhaseClock())
+    for kind in ("student", "teacher", "criterion", "bank"):
+        expected = getattr(trainers[0], kind).state_dict()
+        for name, value in getattr(trainers[1], kind).state_dict().items():
+            torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6, msg=f"{kind}.{name}")
