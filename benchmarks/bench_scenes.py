@@ -175,6 +175,21 @@ def tables(results: dict[str, list[dict[str, Any]]], names: Sequence[str]) -> tu
     return common.markdown_table(headers, rows), common.markdown_table(["NN IoU per class", *names], class_rows)
 
 
+def linear_note(results: dict[str, list[dict[str, Any]]]) -> str:
+    """Name the sources whose linear probe labels every val pixel as background (if any)."""
+    collapsed = [
+        source
+        for source, runs in results.items()
+        if any(r["linear"] is not None and qc.predicts_background_only(r["linear"]) for r in runs)
+    ]
+    if not collapsed:
+        return ""
+    return (
+        f" The linear probe of {' and '.join(collapsed)} labels every val pixel as background (its mIoU is the "
+        "background IoU divided by the number of classes): a linear map of these features finds no shape class."
+    )
+
+
 def write_report(
     args: argparse.Namespace,
     argv: Sequence[str],
@@ -209,7 +224,8 @@ def write_report(
         f"the shape tells the class). A pretrained backbone has room between about {max(raw, vit):.2f} and "
         f"{oracle:.2f}. What it does not show: the oracle bounds retrieval at this patch resolution (its "
         "features are the true labels of each patch), not what self-supervision can reach; the linear column "
-        "is the suite's probe on frozen features (the oracle needs none); all numbers hold for these scenes only.",
+        "is the suite's probe on frozen features (the oracle needs none); all numbers hold for these scenes only."
+        + linear_note(results),
         qc.noise_note(info),
     ]
     folder = qc.results_folder(args.results_dir, args.quick)

@@ -77,15 +77,22 @@ def command_train(args: argparse.Namespace) -> int:
 
 
 def summary_text(output_dir: Path, history: list[dict[str, float]], epoch: int, step: int) -> str:
-    """The end-of-run summary: where things are and how the loss terms moved."""
+    """The end-of-run summary: where things are, and the logged terms averaged per epoch."""
     lines = [f"\nDone: epoch {epoch}, step {step}.", f"  checkpoint : {output_dir / 'checkpoint.pth'}"]
     lines += [f"  log        : {output_dir / 'log.txt'}", f"  config     : {output_dir / 'config.yaml'}"]
-    if len(history) >= 2:
-        first, last = history[0], history[-1]
-        lines.append("\n  term                          first logged   last logged")
-        for key in ("loss", "d_loss", "s_loss", "nn_loss", "r_cnt", "bootstrap_centroid_ratio", "images_per_s"):
-            if key in first and key in last:
-                lines.append(f"  {key:<28}{first[key]:>14.4f}{last[key]:>14.4f}")
+    columns = ("d_loss", "s_loss", "nn_loss", "r_cnt", "bootstrap_centroid_ratio", "images_per_s")
+    per_epoch: dict[int, list[dict[str, float]]] = {}
+    for row in history:
+        per_epoch.setdefault(int(row["epoch"]), []).append(row)
+    if per_epoch:
+        lines.append("\n  epoch   global   object  cross-image  objects/img  cycle-consistent  images/s")
+        for index, rows in sorted(per_epoch.items()):
+            means = [sum(r.get(key, 0.0) for r in rows) / len(rows) for key in columns]
+            lines.append(
+                f"  {index:>5}{means[0]:>9.3f}{means[1]:>9.3f}{means[2]:>13.3f}{means[3]:>13.2f}"
+                f"{means[4]:>18.3f}{means[5]:>10.1f}"
+            )
+        lines.append("  (losses: cross-entropies, lower is better; the cross-image term starts at epoch 1)")
     return "\n".join(lines)
 
 
