@@ -25,7 +25,7 @@ test: setup
 	$(PY) -m pytest -q
 
 test-slow: setup
-	$(PY) -m pytest -q --runslow
+	$(PY) -m pytest -q --runslow -m slow
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
