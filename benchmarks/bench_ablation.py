@@ -272,9 +272,11 @@ def plot_curves(
     ax = axes.flat[5]
     for variant in trained:
         runs = per_variant(records, variant, seeds)
-        steps = sorted({s for r in runs for s in r.evals})
-        means = [qc.summarize([r.evals[s]["nn"]["miou"] for r in runs if s in r.evals]).mean for s in steps]
-        ax.plot(steps, means, marker="o", label=qc.VARIANTS[variant].label)
+        eval_steps = sorted({step for r in runs for step in r.evals})
+        means = [
+            qc.summarize([final_metric(r, "nn", step) for r in runs if step in r.evals]).mean for step in eval_steps
+        ]
+        ax.plot(eval_steps, means, marker="o", label=qc.VARIANTS[variant].label)
     if "random" in variants:
         start = qc.summarize([final_metric(r, "nn") for r in per_variant(records, "random", seeds)]).mean
         ax.axhline(start, color="grey", linestyle="--", label="random init")
@@ -404,6 +406,9 @@ def write_report(
     steps = trained[0].steps if trained else 0
     minutes = [r.seconds / 60 for r in trained if r.seconds]
     wall = f"{min(minutes):.1f}–{max(minutes):.1f} min" if minutes else "–"
+    threads = ", ".join(str(t) for t in sorted({r.threads for r in trained if r.threads})) or "not recorded"
+    loads = [r.load_average[0] for r in trained if r.load_average]
+    load = f"{min(loads):.1f}–{max(loads):.1f}" if loads else "not recorded for these runs; the machine was shared"
     e = scale.evaluation
     body = [
         f"Setup: {scale.description}; {steps} steps per run; seeds {list(seeds)}; extra overrides "
@@ -413,7 +418,10 @@ def write_report(
         f"The teacher is scored on {e.val_images} held-out val scenes at {e.input_size} px: dense NN retrieval "
         f"(bank = {e.train_images} train scenes, k = {e.k}, temperature {e.temperature}) and a linear probe "
         f"({e.linear_steps} steps). Random init = the teacher at step 0 of the same seed, so every difference is "
-        f"paired by seed. Wall time per training run with its evaluations: {wall} on this machine.",
+        f"paired by seed. Wall time per training run with its evaluations: {wall} on this machine (torch "
+        f"threads per run: {threads}; 1-minute load average when the runs started: {load}; the load average "
+        "below is the one when this file was assembled). Runs are kept under `runs/quality/ablation/` and "
+        "reused, so several `--seeds` invocations can run side by side and a final call assembles them.",
         main_table(records, variants, seeds),
         difference_table(records, variants, seeds),
         "Teacher dense NN mIoU against the training step (mean ± std over seeds):",

@@ -71,6 +71,7 @@ def measure_steps(args: Any) -> tuple[dict[str, Any], dict[str, Any]]:
             job |= {"kind": kind, "warmup": args.warmup, "repeat": args.repeat}
             store[name] = bench_step.measure(job)
             free_memory()
+            args.loads.append(common.load_1min())
             res = store[name]
             print(f"{name} {kind:5s}: {res['seconds']:.4f} s/step, peak {peak_mib(res):.0f} MiB", flush=True)
     return cribo, dino
@@ -83,6 +84,7 @@ def measure_parts(args: Any) -> dict[str, Any]:
         job = {"part": part, "threads": args.threads, "device": args.device, "state": "uniform", **sizes}
         results[label] = bench_parts.measure(job)
         free_memory()
+        args.loads.append(common.load_1min())
         print(f"{label}: {results[label]['seconds'] * 1e3:.2f} ms, +{results[label]['rise_mib']:.0f} MiB", flush=True)
     return results
 
@@ -165,9 +167,9 @@ def report(args: Any, cribo: dict[str, Any], dino: dict[str, Any], parts: dict[s
         parts_table(parts),
         f"Total wall time of the script: {args.elapsed:.0f} s.",
     ]
-    info = common.machine_info(args.threads, args.device)
     command = common.command_line(SCRIPT.name, argv)
-    return common.write_section(common.output_dir(args), "bench_gpu", "Accelerator (GPU)", command, info, body)
+    folder = common.output_dir(args)
+    return common.write_section(folder, "bench_gpu", "Accelerator (GPU)", command, args.info, body, args.loads)
 
 
 def report_unavailable(args: Any, argv: Sequence[str]) -> Path:
@@ -207,6 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"CUDA is not available: nothing measured; wrote {path}")
         return 0
     common.set_threads(args.threads)
+    args.info, args.loads = common.machine_info(args.threads, args.device), []
     started = time.perf_counter()
     cribo, dino = measure_steps(args)
     parts = measure_parts(args)

@@ -285,7 +285,6 @@ def parts_table(results: dict[str, dict[str, Any]], sizes: dict[str, dict[str, A
 
 
 def report(args: Any, results: dict[str, dict[str, Any]], sizes: dict[str, Any], argv: Sequence[str]) -> Path:
-    info = common.machine_info(args.threads)
     bank = results["bank_uniform"]
     body = [
         ("Each part in this process (--in-process)" if args.in_process else "Each part in its own fresh subprocess")
@@ -305,7 +304,8 @@ def report(args: Any, results: dict[str, dict[str, Any]], sizes: dict[str, Any],
         f"{results['bank_gaussian']['cycle_consistent']:.0f} (Gaussian bank).",
     ]
     command = common.command_line(SCRIPT.name, argv)
-    return common.write_section(common.output_dir(args), "bench_parts", "Parts alone (CPU)", command, info, body)
+    folder = common.output_dir(args)
+    return common.write_section(folder, "bench_parts", "Parts alone (CPU)", command, args.info, body, args.loads)
 
 
 def parse_args(argv: Sequence[str]) -> Any:
@@ -334,9 +334,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         common.emit_result(measure(job))
         return 0
     args = parse_args(argv)
+    args.info, args.loads = common.machine_info(args.threads), []
     results = {}
     for name, job in jobs(args).items():
         results[name] = run_job(job, args.in_process)
+        args.loads.append(common.load_1min())
         res = results[name]
         print(f"{name}: {res['seconds'] * 1e3:.2f} ms per call, peak RSS rise {res['rise_mib']:.0f} MiB", flush=True)
     path = report(args, results, QUICK if args.quick else FULL, argv)

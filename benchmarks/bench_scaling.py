@@ -215,19 +215,19 @@ def report(args: Any, measured: dict[str, tuple[list[Any], list[dict[str, Any]]]
             exponent_table(sweep, settings, results),
             f"![{sweep.name} scaling]({image})",
         ]
-    info = common.machine_info(args.threads)
     command = common.command_line(SCRIPT.name, argv)
-    return common.write_section(folder, "bench_scaling", "Scaling curves (CPU)", command, info, body)
+    return common.write_section(folder, "bench_scaling", "Scaling curves (CPU)", command, args.info, body, args.loads)
 
 
 def parse_args(argv: Sequence[str]) -> Any:
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--sweeps", default=None, help="comma-separated subset of batch,clusters,tokens,bank")
-    parser.add_argument("--warmup", type=int, default=1, help="warm-up steps per point (default 1)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps per point (default 1; 0 --quick)")
     parser.add_argument("--repeat", type=int, default=None, help="measured steps per point (default 3; 1 --quick)")
     parser.add_argument("--in-process", action="store_true", help="measure in this process (no fresh subprocess)")
     args = parser.parse_args(argv)
     args.repeat = args.repeat if args.repeat is not None else (1 if args.quick else 3)
+    args.warmup = args.warmup if args.warmup is not None else (0 if args.quick else 1)
     return args
 
 
@@ -238,6 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         common.emit_result(bench_step.measure(job))
         return 0
     args = parse_args(argv)
+    args.info, args.loads = common.machine_info(args.threads), []
     wanted = args.sweeps.split(",") if args.sweeps else [s.name for s in SWEEPS]
     measured: dict[str, tuple[list[Any], list[dict[str, Any]]]] = {}
     for sweep in SWEEPS:
@@ -249,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             job = {"setting": dataclasses.asdict(setting), "device": "cpu", "threads": args.threads, "kind": "cribo"}
             job |= {"warmup": args.warmup, "repeat": args.repeat}
             result = measure_point(job, args.in_process)
+            args.loads.append(common.load_1min())
             results.append(result)
             print(
                 f"{setting.name}: {result['seconds']:.3f} s/step, peak RSS {result['peak_rss_mib']:.0f} MiB", flush=True

@@ -657,7 +657,6 @@ def _split_notes() -> str:
 def report(args: Any, runs: dict[str, dict[str, dict[str, Any]]], argv: Sequence[str]) -> Path:
     """Write benchmarks/results/bench_step.md."""
     cribo, dino = runs["cribo"], runs["dino"]
-    info = common.machine_info(args.threads, args.device)
     body = [
         *_intro(args.quick, args.in_process),
         f"Warm-up steps: {args.warmup}; measured steps: {args.repeat} (each for the plain and the instrumented step).",
@@ -676,7 +675,8 @@ def report(args: Any, runs: dict[str, dict[str, dict[str, Any]]], argv: Sequence
         *malloc_section(cribo, runs["cribo_malloc"]),
     ]
     command = common.command_line(SCRIPT.name, argv)
-    return common.write_section(common.output_dir(args), "bench_step", "One training step (CPU)", command, info, body)
+    folder = common.output_dir(args)
+    return common.write_section(folder, "bench_step", "One training step (CPU)", command, args.info, body, args.loads)
 
 
 def malloc_section(cribo: dict[str, dict[str, Any]], kept: dict[str, dict[str, Any]]) -> list[str]:
@@ -770,6 +770,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         common.emit_result(measure(job))
         return 0
     args = parse_args(argv)
+    args.info, args.loads = common.machine_info(args.threads, args.device), []
     pool = QUICK_SETTINGS if args.quick else SETTINGS
     names = args.configs.split(",") if args.configs else list(pool)
     runs: dict[str, dict[str, dict[str, Any]]] = {"cribo": {}, "dino": {}, "cribo_malloc": {}}
@@ -783,6 +784,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for kind in kinds:
             job = {**base, "kind": kind.split("_")[0], "malloc_keep": kind.endswith("malloc")}
             res = runs[kind][name] = run_job(job, args.in_process)
+            args.loads.append(common.load_1min())
             print(
                 f"{name} {kind:12s}: {res['seconds']:.3f} s/step ({pool[name].batch / res['seconds']:.1f} img/s), "
                 f"peak RSS {res['peak_rss_mib']:.0f} MiB, system {res['system_s']:.2f} s/step, "

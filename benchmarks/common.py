@@ -40,6 +40,7 @@ RESULT_MARK = "@@cribo-bench-result@@"
 DEFAULT_THREADS = 2  # the authors' figures were taken with 2 threads on a 2-core machine
 MIB = 2**20
 WORKER_TIMEOUT_S = 1800
+BUSY_LOAD = 1.5  # 1-min load average above which a 2-core machine is flagged as busy
 M_TRIM_THRESHOLD = -1  # glibc mallopt parameter numbers (malloc.h)
 M_MMAP_THRESHOLD = -3
 
@@ -89,19 +90,35 @@ def machine_info(threads: int, device: str = "cpu") -> dict[str, Any]:
     return info
 
 
-def machine_lines(info: dict[str, Any], load_after: Sequence[float] | None = None) -> list[str]:
-    """Markdown bullet lines describing the machine (for a section header)."""
+def machine_lines(
+    info: dict[str, Any], load_after: Sequence[float] | None = None, load_samples: Sequence[float] | None = None
+) -> list[str]:
+    """Markdown bullet lines describing the machine (for a section header).
+
+    ``load_after`` is the load average when the section is written; ``load_samples`` are 1-minute load averages
+    taken after each measurement of the run (their range is shown).
+    """
     load = ", ".join(f"{x:.2f}" for x in info["load_average"])
-    lines = [
+    seen = [info["load_average"][0], *(load_samples or []), *(load_after[:1] if load_after else [])]
+    line = f"- Load average (1, 5, 15 min) at the start: {load}"
+    if load_after:
+        line += f"; at the end: {', '.join(f'{x:.2f}' for x in load_after)}"
+    if load_samples:
+        line += f"; 1-min load after each measurement: {min(load_samples):.2f} to {max(load_samples):.2f}"
+    if max(seen) > BUSY_LOAD:
+        line += " — **the machine was busy: timings are inflated**"
+    return [
         f"- Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB; Python {info['python']}, "
         f"torch {info['torch']}; {info['threads']} torch threads; device `{info['device']}`"
         + (f" ({info['gpu']})" if "gpu" in info else ""),
         f"- Date: {info['date']}",
-        f"- Load average (1, 5, 15 min) at the start: {load}"
-        + (f"; at the end: {', '.join(f'{x:.2f}' for x in load_after)}" if load_after else "")
-        + (" — **the machine was busy: timings are inflated**" if max(info["load_average"][:2]) > 1.5 else ""),
+        line,
     ]
-    return lines
+
+
+def load_1min() -> float:
+    """The current 1-minute load average."""
+    return os.getloadavg()[0]
 
 
 def set_threads(threads: int) -> None:
@@ -402,9 +419,15 @@ def write_section(
     command: str,
     info: dict[str, Any],
     body: Sequence[str],
+    load_samples: Sequence[float] | None = None,
 ) -> Path:
-    """Write ``<folder>/<name>.md``: a ``##`` title, the command line, the machine, then the body blocks."""
-    text = [f"## {title}", "", f"Command: `{command}`", "", *machine_lines(info, os.getloadavg()), ""]
+    """Write ``<folder>/<name>.md``: a ``##`` title, the command line, the machine, then the body blocks.
+
+    ``info`` should be taken at the start of the run (:func:`machine_info`); the load average at the end is
+    added here, and the range of ``load_samples`` (1-min loads taken during the run) when given.
+    """
+    header = machine_lines(info, os.getloadavg(), load_samples)
+    text = [f"## {title}", "", f"Command: `{command}`", "", *header, ""]
     for block in body:
         text += [block, ""]
     path = folder / f"{name}.md"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -371,6 +372,8 @@ class RunRecord:
     seconds: float = 0.0
     complete: bool = False
     settings: dict[str, Any] = field(default_factory=dict)
+    threads: int = 0  # torch CPU threads of the process that trained it (0 = not recorded)
+    load_average: list[float] = field(default_factory=list)  # os.getloadavg() when its training (re)started
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -423,6 +426,8 @@ def train_and_evaluate(
     resumes from its checkpoint and keeps the evaluations already saved. Step 0 is the random initialisation
     (NN and, with ``linear``, the linear probe); intermediate steps get NN only; the last step NN and linear.
     """
+    import torch
+
     from cribo.train import build_trainer, fit
 
     output_dir = Path(config.run.output_dir)
@@ -433,6 +438,8 @@ def train_and_evaluate(
     if record.complete:
         return record
     started = time.perf_counter() - record.seconds
+    record.threads = torch.get_num_threads()
+    record.load_average = [round(x, 2) for x in os.getloadavg()]
     trainer = build_trainer(config)
     if 0 not in record.evals:
         record.evals[0] = evaluate_backbone(trainer.teacher.backbone, data, linear=linear)
