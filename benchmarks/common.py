@@ -99,13 +99,17 @@ def machine_lines(
     taken after each measurement of the run (their range is shown).
     """
     load = ", ".join(f"{x:.2f}" for x in info["load_average"])
-    seen = [info["load_average"][0], *(load_samples or []), *(load_after[:1] if load_after else [])]
     line = f"- Load average (1, 5, 15 min) at the start: {load}"
     if load_after:
         line += f"; at the end: {', '.join(f'{x:.2f}' for x in load_after)}"
     if load_samples:
-        line += f"; 1-min load after each measurement: {min(load_samples):.2f} to {max(load_samples):.2f}"
-    if max(seen) > BUSY_LOAD:
+        line += (
+            f"; 1-min load after each measurement: {min(load_samples):.2f} to {max(load_samples):.2f} (this "
+            f"includes the benchmark's own {info['threads']} threads)"
+        )
+    # During the run the benchmark itself adds about `threads` to the load.
+    others = max([0.0, *(x - info["threads"] for x in load_samples or [])])
+    if info["load_average"][0] > BUSY_LOAD or others > BUSY_LOAD:
         line += " — **the machine was busy: timings are inflated**"
     return [
         f"- Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB; Python {info['python']}, "
