@@ -203,7 +203,56 @@ def measure_augment(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-MEASURES = {"clustering": measure_clustering, "bank": measure_bank, "augment": measure_augment}
+# Expected calls per image of each step of the two-view pipeline (authors' probabilities, both views).
+COLOUR_STEP_CALLS: dict[str, float] = {
+    "crop + resize (bicubic, antialias)": 2.0,
+    "brightness (LUT)": 1.6,
+    "contrast (luma mean + LUT)": 1.6,
+    "saturation (grey + blend)": 1.6,
+    "hue (HSV round trip)": 1.6,
+    "grayscale": 0.4,
+    "Gaussian blur (radius U[0.1, 2])": 1.1,
+    "solarise": 0.2,
+}
+
+
+def measure_augment_steps(job: dict[str, Any]) -> dict[str, Any]:
+    """Milliseconds per call of each step of the pipeline on one view (where the augmentation's time goes)."""
+    import numpy as np
+    import torch
+    from PIL import Image, ImageFilter, ImageOps
+
+    from cribo import augment
+
+    image = source_image()
+    size = job["output_size"]
+    view = image.resize((size, size))
+    source = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+    box = augment.CropBox(20, 30, 300, 360, False)
+    rng = random.Random(0)
+    steps = {
+        "crop + resize (bicubic, antialias)": lambda: augment.crop_view(source, box, size),
+        "brightness (LUT)": lambda: view.point(augment._affine_table(1.2, 0.0)),
+        "contrast (luma mean + LUT)": lambda: view.point(augment._affine_table(1.2, -0.2 * augment._grey_mean(view))),
+        "saturation (grey + blend)": lambda: Image.blend(view.convert("L").convert("RGB"), view, 1.1),
+        "hue (HSV round trip)": lambda: augment.adjust_hue(view, 0.05),
+        "grayscale": lambda: view.convert("L"),
+        "Gaussian blur (radius U[0.1, 2])": lambda: view.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.1, 2.0))),
+        "solarise": lambda: ImageOps.solarize(view, 128),
+    }
+    calls = job["calls"]
+    return {name: common.median(common.time_calls(step, job["warmup"], calls)) for name, step in steps.items()} | {
+        "seconds": 0.0,
+        "rise_mib": 0.0,
+    }
+
+
+MEASURES = {
+    "clustering": measure_clustering,
+    "bank": measure_bank,
+    "augment": measure_augment,
+    "augment_steps": measure_augment_steps,
+}
 
 
 def measure(job: dict[str, Any]) -> dict[str, Any]:
@@ -303,9 +352,25 @@ def report(args: Any, results: dict[str, dict[str, Any]], sizes: dict[str, Any],
         f"call (median): {results['bank_uniform']['cycle_consistent']:.0f} (uniform bank), "
         f"{results['bank_gaussian']['cycle_consistent']:.0f} (Gaussian bank).",
     ]
+    body += augment_steps_blocks(results["augment steps"])
     command = common.command_line(SCRIPT.name, argv)
     folder = common.output_dir(args)
     return common.write_section(folder, "bench_parts", "Parts alone (CPU)", command, args.info, body, args.loads)
+
+
+def augment_steps_blocks(steps: dict[str, Any]) -> list[str]:
+    """Where the augmentation's time goes: each step's time per call times its expected calls per image."""
+    rows, total = [], 0.0
+    for name, calls in COLOUR_STEP_CALLS.items():
+        per_image = steps[name] * calls
+        total += per_image
+        rows.append([name, f"{steps[name] * 1e3:.3f}", f"{calls:g}", f"{per_image * 1e3:.3f}"])
+    rows.append(["sum", "", "", f"{total * 1e3:.3f}"])
+    return [
+        "Where the augmentation's time goes (one view, median per call; expected calls per image from the "
+        "authors' probabilities: jitter p = 0.8 per view, grayscale 0.2, blur 1.0 / 0.1, solarise 0 / 0.2):",
+        common.markdown_table(["step", "ms per call", "calls per image", "ms per image"], rows),
+    ]
 
 
 def parse_args(argv: Sequence[str]) -> Any:
@@ -324,6 +389,7 @@ def jobs(args: Any) -> dict[str, dict[str, Any]]:
     for label, colour, threads in AUGMENT_VARIANTS:
         todo[f"augment {label}"] = {**base, "part": "augment", "colour": colour, "aug_threads": threads}
         todo[f"augment {label}"] |= sizes["augment"]
+    todo["augment steps"] = {**base, "part": "augment_steps", **sizes["augment"]}
     return todo
 
 

@@ -738,7 +738,20 @@ def _floor_notes(cribo: dict[str, dict[str, Any]], dino: dict[str, dict[str, Any
             f"{name}: CrIBo adds {extra:.3f} s per step; "
             + ", ".join(f"{phase} {100 * share:.0f} %" for phase, share in top)
         )
-    return "Where the extra time goes (share of CrIBo − DINO, instrumented steps): " + "; ".join(parts) + "."
+    budget = []
+    for name in cribo:
+        if name in SPEED_GOALS:
+            allowed = AUTHORS[name].seconds / SPEED_GOALS[name]
+            floor_s = dino[name]["seconds"]
+            budget.append(
+                f"{name}: the goal allows {allowed:.2f} s per step, the DINO floor alone takes {floor_s:.2f} s "
+                f"({100 * floor_s / allowed:.0f} %), leaving {allowed - floor_s:+.2f} s for CrIBo's own work "
+                f"(now {cribo[name]['seconds'] - floor_s:.2f} s)"
+            )
+    text = "Where the extra time goes (share of CrIBo − DINO, instrumented steps): " + "; ".join(parts) + "."
+    if budget:
+        text += " Budget of the speed goals: " + "; ".join(budget) + "."
+    return text
 
 
 # ------------------------------------------------------------------------------------------------ main
