@@ -37,7 +37,13 @@ format: setup
 	$(VENV)/bin/ruff format src tests benchmarks
 
 bench: setup
-	$(PY) benchmarks/run_all.py
+	PYTHONPATH=src $(PY) benchmarks/bench_parts.py
+	PYTHONPATH=src $(PY) benchmarks/bench_step.py
+	PYTHONPATH=src $(PY) benchmarks/bench_scaling.py
+	PYTHONPATH=src $(PY) benchmarks/bench_scenes.py
+	PYTHONPATH=src $(PY) benchmarks/bench_regression.py
+	PYTHONPATH=src $(PY) benchmarks/bench_ablation.py
+	$(PY) benchmarks/report.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
