@@ -98,7 +98,13 @@ SWEEPS: tuple[Sweep, ...] = (
         (
             Series("step", "total", "1 → 2", "backbone O(N·D²) + attention O(N²·D); heads and bank do not grow"),
             Series("student forward + backward", "student forward + backward", "1 → 2", "O(N·D²) + O(N²·D) per image"),
-            Series("clustering", "clustering", "2", "pairwise distances and scatter-min are O(B·T²), T = 2N"),
+            Series(
+                "clustering",
+                "clustering",
+                "1 → 2",
+                "the cost and centroid products are O(B·T·K·D) and dominate while T < K·D (3 072 here); the "
+                "pairwise distances and scatter-min, O(B·T²), take over only beyond",
+            ),
             Series("peak memory", "memory", "1 → 2", "activations O(N) per layer, attention maps O(N²)"),
         ),
     ),
