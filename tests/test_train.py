@@ -100,14 +100,14 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path: Path, monkeyp
     before = (tmp_path / "run" / "checkpoint.pth").read_bytes()
     import cribo.train as train_module
 
-    original = train_module.CrIBoLoss.forward
+    original = train_module.student_terms
 
-    def poisoned(self: Any, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
-        terms = original(self, *args, **kwargs)
+    def poisoned(*args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        terms = original(*args, **kwargs)
         terms["global"] = terms["global"] * float("nan")
         return terms
 
-    monkeypatch.setattr(train_module.CrIBoLoss, "forward", poisoned)
+    monkeypatch.setattr(train_module, "student_terms", poisoned)
     with pytest.raises(NonFiniteLossError, match="non-finite loss"):
         train(tiny_config(tmp_path / "run", max_steps=4), progress_bar=False)
     assert (tmp_path / "run" / "checkpoint.pth").read_bytes() == before

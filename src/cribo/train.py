@@ -30,7 +30,7 @@ from cribo import config as config_lib
 from cribo.augment import TwoViewAugmentation
 from cribo.clustering import joint_space_clustering, pool_objects, select_valid, valid_objects
 from cribo.config import TrainConfig
-from cribo.losses import CrIBoLoss
+from cribo.losses import CrIBoLoss, StepTargets, cross_image_entries, student_terms
 from cribo.matching import match_objects
 from cribo.memory import ObjectMemoryBank
 from cribo.models import CrIBoNetwork, ProjectionHead, create_backbone
@@ -176,23 +176,38 @@ def build_network(config: TrainConfig, drop_path_rate: float, norm_last_layer: b
 
 
 class StudentStep(nn.Module):
-    """The student's whole differentiable forward in one ``forward`` (so that DDP sees every parameter).
+    """The student's whole differentiable work in one ``forward`` (so that DDP sees every parameter): backbone,
+    object pooling with the teacher's assignment, head MLP and the three loss terms through the fused last layers.
 
-    Returns the global logits (2B,C) of both views (view 1 rows first) and the object logits (2n,Cc) pooled with
-    the teacher's assignment (view-1 rows first).
+    Returns the ``global``, ``object`` and ``cross_image`` terms (:func:`cribo.losses.student_terms`).
     """
 
     def __init__(self, network: CrIBoNetwork) -> None:
         super().__init__()
         self.network = network
 
-    def forward(self, images: Tensor, assignment: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        self,
+        images: Tensor,
+        assignment: Tensor,
+        valid: Tensor,
+        targets: StepTargets,
+        temperatures: tuple[float, float],
+        compute_dtype: torch.dtype,
+    ) -> dict[str, Tensor]:
         tokens = self.network(images)
         cls, patches = split_tokens(tokens, assignment.shape[0])
         objects, _ = select_valid(pool_objects(patches, assignment.to(patches.dtype)), valid)
-        global_logits = self.network.head(cls)
-        object_logits = self.network.head.forward_objects(objects.transpose(0, 1).flatten(0, 1))
-        return global_logits, object_logits
+        head = self.network.head
+        return student_terms(
+            head.bottleneck(cls),
+            head.bottleneck(objects.transpose(0, 1).flatten(0, 1)),
+            (head.last_layer.weight_v, head.last_layer.weight_g),
+            (head.last_layer_c.weight_v, head.last_layer_c.weight_g),
+            targets,
+            *temperatures,
+            compute_dtype=compute_dtype,
+        )
 
 
 def split_tokens(tokens: Tensor, num_images: int) -> tuple[Tensor, Tensor]:
@@ -453,9 +468,7 @@ def step_values(trainer: Trainer) -> StepValues:
 class TeacherOutput:
     """What the teacher side of a step produces (no gradient)."""
 
-    global_logits: Tensor  # (2B,C)
-    object_logits: Tensor  # (2n,Cc) view-1 rows first
-    neighbour_logits: Tensor  # (V,n,Cc)
+    targets: StepTargets  # the three terms' targets (consumed by the student side)
     assignment: Tensor  # (B,T,K)
     valid: Tensor  # (B,K)
     objects: Tensor  # (n,V,D) raw teacher objects, pushed to the bank
@@ -463,9 +476,14 @@ class TeacherOutput:
     cycle_mask: Tensor  # (V,n)
 
 
+def compute_dtype(trainer: Trainer) -> torch.dtype:
+    """dtype of the fused last layers' matrix products: the autocast dtype, float32 without mixed precision."""
+    return trainer.amp_dtype or torch.float32
+
+
 @torch.no_grad()
 def teacher_side(trainer: Trainer, images: Tensor, positions: Tensor, values: StepValues) -> TeacherOutput:
-    """Teacher forward, joint-space clustering, object pooling, cross-image matching and teacher heads."""
+    """Teacher forward, joint-space clustering, object pooling, cross-image matching and the teacher's targets."""
     cfg = trainer.config.method
     num_images = positions.shape[0]
     with autocast(trainer):
@@ -487,15 +505,29 @@ def teacher_side(trainer: Trainer, images: Tensor, positions: Tensor, values: St
     objects, per_image = select_valid(pool_objects(patches, clusters.assignment), valid)
     matches = match_objects(objects, trainer.bank, chunk_size=cfg.bank_chunk_size)
     head = trainer.teacher.head
+    # The teacher head runs on the objects and only on the neighbours the cross-image term uses.
+    if values.cross_image:
+        order, _, _ = cross_image_entries(matches.cycle_mask, trainer.criterion.cross_image_normalization)
+        neighbours = matches.neighbours.flatten(0, 1)[order]
+    else:
+        neighbours = objects.new_zeros(0, objects.shape[-1])
     with autocast(trainer):
-        global_logits = head(cls)
-        both = torch.cat([objects.transpose(0, 1).flatten(0, 1), matches.neighbours.flatten(0, 1)])
-        object_side = head.forward_objects(both).float()
-    n = objects.shape[0]
+        global_features = head.bottleneck(cls)
+        object_features = head.bottleneck(objects.transpose(0, 1).flatten(0, 1))
+        neighbour_features = head.bottleneck(neighbours)
+    targets = trainer.criterion.targets(
+        global_features,
+        object_features,
+        neighbour_features,
+        matches.cycle_mask,
+        (head.last_layer.weight_v, head.last_layer.weight_g),
+        (head.last_layer_c.weight_v, head.last_layer_c.weight_g),
+        values.teacher_temp,
+        values.teacher_temp_c,
+        compute_dtype=compute_dtype(trainer),
+    )
     return TeacherOutput(
-        global_logits=global_logits.float(),
-        object_logits=object_side[: 2 * n],
-        neighbour_logits=object_side[2 * n :].unflatten(0, (2, n)),
+        targets=targets,
         assignment=clusters.assignment,
         valid=valid,
         objects=objects,
@@ -541,19 +573,16 @@ def train_step(trainer: Trainer, batch: Batch) -> dict[str, float]:
     images = batch.images.to(trainer.device, non_blocking=True).transpose(0, 1).flatten(0, 1)  # (2B,3,S,S)
     positions = batch.positions.to(trainer.device, non_blocking=True)  # (B,V,N,2)
     teacher = teacher_side(trainer, images, positions, values)
+    criterion = trainer.criterion
     with autocast(trainer):
-        student_global, student_objects = trainer.student_step(images, teacher.assignment, teacher.valid)
-    terms = trainer.criterion(
-        student_global.float(),
-        teacher.global_logits,
-        student_objects.float(),
-        teacher.object_logits,
-        teacher.neighbour_logits,
-        teacher.cycle_mask,
-        teacher_temp=values.teacher_temp,
-        teacher_temp_c=values.teacher_temp_c,
-        cross_image=values.cross_image,
-    )
+        terms = trainer.student_step(
+            images,
+            teacher.assignment,
+            teacher.valid,
+            teacher.targets,
+            (criterion.student_temp, criterion.student_temp_c),
+            compute_dtype(trainer),
+        )
     weights = trainer.config.loss
     loss = (
         weights.weight_global * terms["global"]

@@ -1,0 +1,284 @@
+"""Weight-normalised last layer fused with soft-target cross-entropy, computed in row chunks.
+
+CrIBo's heads end in a weight-normalised linear layer to ``C = 65 536`` outputs, and every loss term is a
+cross-entropy between a sharpened teacher distribution and the student's tempered softmax over those outputs. Done
+the plain way, each step materialises several ``(R, C)`` float tensors per term (logits, log-softmax, flipped
+copies, products, their gradients, the normalised weight and its gradient), each over 100 MB at the paper's sizes;
+on a CPU every one of them is a fresh ``mmap`` that is page-faulted in and unmapped again, which costs more than
+the arithmetic. This module computes the same values with at most one ``(R, C)`` buffer per target:
+
+* :func:`teacher_targets` writes the teacher's sharpened distribution straight into its target buffer, chunk by
+  chunk, and returns the column sums of the raw logits (for the centre update);
+* :func:`soft_cross_entropy_terms` (a custom autograd function) computes ``sum_j w_j CE(p_j, s_{r_j})`` for any
+  number of targets. Its forward overwrites each target buffer with that target's gradient with respect to the
+  logits, ``w_j (sum(p_j) softmax(s_{r_j}) - p_j)``, so the backward needs neither the logits nor a recomputation;
+  the weight-norm backward is applied analytically in place, and the normalised weight is never formed.
+
+The logits are ``s = scale * (h @ v.T) * g / ||v||_row``: ``h`` the L2-normalised bottleneck features, ``v`` and
+``g`` the layer's ``weight_v`` and ``weight_g`` (:class:`cribo.models.WeightNormLinear`), ``scale`` the inverse
+temperature. :mod:`cribo.losses` keeps the plain formulation on logits (checked against the authors' fixtures);
+the tests check that this module gives the same values and gradients.
+
+Axis letters: R student rows, J entries of one target, C outputs, d bottleneck width.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+CHUNK_BYTES = 8 * 2**20  # one chunk of float32 logits; small enough to be reused by malloc, large enough for GEMM
+
+
+def chunk_rows(num_columns: int, chunk_bytes: int = CHUNK_BYTES) -> int:
+    """Rows per chunk so that one ``(rows, num_columns)`` float32 block stays within ``chunk_bytes``."""
+    return max(1, chunk_bytes // (4 * max(num_columns, 1)))
+
+
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Disable autocast inside the fused code (it casts explicitly, and keeps softmax work in float32)."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def column_scale(weight_v: Tensor, weight_g: Tensor, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Per-output factor of the weight-normalised layer.
+
+    Args:
+        weight_v: ``(C, d)`` direction parameter.
+        weight_g: ``(C, 1)`` gain parameter.
+        scale: extra factor (an inverse temperature).
+
+    Returns:
+        ``(C,)`` ``scale * g / ||v||_row`` (float32) and ``(C,)`` the row norms ``||v||`` (float32).
+    """
+    norms = torch.linalg.vector_norm(weight_v.detach().float(), dim=1)
+    return weight_g.detach().float().view(-1) / norms * scale, norms
+
+
+def _logits_chunk(features: Tensor, weight_v: Tensor, factor: Tensor, out: Tensor | None = None) -> Tensor:
+    """``(r, d) -> (r, C)`` float32 logits ``(features @ v.T) * factor`` for one chunk (``weight_v`` may be bf16)."""
+    if features.dtype == torch.float32 and weight_v.dtype == torch.float32:
+        logits = torch.mm(features, weight_v.t(), out=out) if out is not None else torch.mm(features, weight_v.t())
+    else:
+        logits = torch.mm(features.to(weight_v.dtype), weight_v.t()).float()
+        if out is not None:
+            logits = out.copy_(logits)
+    return logits.mul_(factor)
+
+
+@torch.no_grad()
+def teacher_targets(
+    features: Tensor,
+    weight_v: Tensor,
+    weight_g: Tensor,
+    center: Tensor,
+    temperature: float,
+    *,
+    compute_dtype: torch.dtype = torch.float32,
+    column_sums: bool = False,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> tuple[Tensor, Tensor | None]:
+    """Sharpened, centred teacher distribution ``softmax((h W^T - center) / temperature)``, row chunk by row chunk.
+
+    Args:
+        features: ``(J, d)`` teacher bottleneck features (L2-normalised rows).
+        weight_v: ``(C, d)`` the teacher layer's ``weight_v``.
+        weight_g: ``(C, 1)`` its ``weight_g``.
+        center: ``(1, C)`` running centre.
+        temperature: teacher temperature (> 0).
+        compute_dtype: dtype of the matrix product (``bfloat16`` under mixed precision); softmax is float32.
+        column_sums: also return the column sums of the raw logits ``h W^T`` (the centre's batch statistic).
+        chunk_bytes: size of one chunk of logits.
+
+    Returns:
+        ``(J, C)`` float32 probabilities (a fresh buffer, meant to be handed to :func:`soft_cross_entropy_terms`)
+        and ``(C,)`` column sums or ``None``.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    num_columns = weight_v.shape[0]
+    probs = torch.empty(features.shape[0], num_columns, device=features.device, dtype=torch.float32)
+    sums = torch.zeros(num_columns, device=features.device, dtype=torch.float32) if column_sums else None
+    with _no_autocast(features.device):
+        factor, _ = column_scale(weight_v, weight_g)
+        weight = weight_v.detach().to(compute_dtype)
+        shift = center.reshape(1, -1).float()
+        step = chunk_rows(num_columns, chunk_bytes)
+        for start in range(0, features.shape[0], step):
+            block = _logits_chunk(
+                features[start : start + step].detach(), weight, factor, out=probs[start : start + step]
+            )
+            if sums is not None:
+                sums += block.sum(dim=0)
+            block.sub_(shift).div_(temperature)
+            block.sub_(block.amax(dim=1, keepdim=True)).exp_()
+            block.div_(block.sum(dim=1, keepdim=True))
+    return probs, sums
+
+
+@dataclass
+class SoftTarget:
+    """One term's targets: entry ``j`` asks student row ``rows[j]`` to match ``probs[j]`` with weight ``weights[j]``.
+
+    ``probs`` is consumed: :func:`soft_cross_entropy_terms` overwrites it with the term's gradient.
+
+    Attributes:
+        probs: ``(J, C)`` float32 target distributions.
+        rows: ``(J,)`` int64 student rows, in ascending order.
+        weights: ``(J,)`` float32 weight of each entry's cross-entropy in the term.
+    """
+
+    probs: Tensor
+    rows: Tensor
+    weights: Tensor
+
+    def __post_init__(self) -> None:
+        count = self.probs.shape[0]
+        if self.probs.ndim != 2 or self.rows.shape != (count,) or self.weights.shape != (count,):
+            raise ValueError(
+                f"SoftTarget needs probs (J, C), rows (J,), weights (J,); got {tuple(self.probs.shape)}, "
+                f"{tuple(self.rows.shape)}, {tuple(self.weights.shape)}"
+            )
+        if count > 1 and bool((self.rows[1:] < self.rows[:-1]).any()):
+            raise ValueError("SoftTarget.rows must be in ascending order")
+
+
+def _entry_bounds(rows: Tensor, starts: Tensor) -> list[int]:
+    """Index of the first entry at or after each chunk start (plus the end): the entries of each row chunk."""
+    return torch.searchsorted(rows, starts).tolist()
+
+
+class _SoftCrossEntropyTerms(torch.autograd.Function):
+    """Autograd function behind :func:`soft_cross_entropy_terms` (see the module docstring for the maths)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        features: Tensor,
+        weight_v: Tensor,
+        weight_g: Tensor,
+        scale: float,
+        targets: Sequence[SoftTarget],
+        compute_dtype: torch.dtype,
+        chunk_bytes: int,
+    ) -> Tensor:
+        num_rows, num_columns = features.shape[0], weight_v.shape[0]
+        factor, norms = column_scale(weight_v, weight_g, scale)
+        weight = weight_v.detach().to(compute_dtype)
+        step = chunk_rows(num_columns, chunk_bytes)
+        starts = torch.arange(0, num_rows + step, step, device=features.device).clamp_(max=num_rows)
+        bounds = [_entry_bounds(t.rows, starts) for t in targets]
+        losses = torch.zeros(len(targets), device=features.device, dtype=torch.float32)
+        for chunk, start in enumerate(range(0, num_rows, step)):
+            logits = _logits_chunk(features[start : start + step].detach(), weight, factor)
+            lse = torch.logsumexp(logits, dim=1)
+            parts = []
+            for index, target in enumerate(targets):
+                lo, hi = bounds[index][chunk], bounds[index][chunk + 1]
+                if hi > lo:
+                    local = target.rows[lo:hi] - start
+                    probs, weights = target.probs[lo:hi], target.weights[lo:hi]
+                    mass = probs.sum(dim=1)
+                    dots = torch.bmm(probs.unsqueeze(1), logits[local].unsqueeze(2)).view(-1)
+                    losses[index] += (weights * (lse[local] * mass - dots)).sum()
+                    parts.append((probs, local, weights * mass, weights))
+            softmax = logits.sub_(lse.unsqueeze(1)).exp_()
+            for probs, local, coefficient, weights in parts:
+                # probs <- w * (mass * softmax - p): the entry's gradient with respect to its logits.
+                probs.mul_(-weights.unsqueeze(1)).addcmul_(softmax[local], coefficient.unsqueeze(1))
+        ctx.targets, ctx.bounds, ctx.step = targets, bounds, step
+        ctx.compute_dtype, ctx.scale = compute_dtype, scale
+        ctx.save_for_backward(features, weight_v, weight_g, factor, norms)
+        return losses
+
+    @staticmethod
+    def backward(ctx: Any, grad_losses: Tensor) -> tuple[Tensor | None, ...]:
+        features, weight_v, weight_g, factor, norms = ctx.saved_tensors
+        targets, bounds, step = ctx.targets, ctx.bounds, ctx.step
+        num_rows, num_columns = features.shape[0], weight_v.shape[0]
+        gammas = grad_losses.tolist()
+        compute = ctx.compute_dtype
+        weight = weight_v.detach().to(compute)
+        grad_weight = torch.zeros(num_columns, features.shape[1], device=features.device, dtype=torch.float32)
+        grad_features = torch.empty(num_rows, features.shape[1], device=features.device, dtype=torch.float32)
+        for chunk, start in enumerate(range(0, num_rows, step)):
+            stop = min(start + step, num_rows)
+            grad = torch.zeros(stop - start, num_columns, device=features.device, dtype=torch.float32)
+            for index, target in enumerate(targets):
+                lo, hi = bounds[index][chunk], bounds[index][chunk + 1]
+                if hi > lo and gammas[index] != 0.0:
+                    grad.index_add_(0, target.rows[lo:hi] - start, target.probs[lo:hi], alpha=gammas[index])
+            # s = scale * (h @ (g v / ||v||).T): first the gradient of the normalised weight W (scale * G^T h) ...
+            block = features[start:stop].detach()
+            if compute == torch.float32:
+                grad_weight.addmm_(grad.t(), block.float(), alpha=ctx.scale)
+                grad.mul_(factor)  # ... then G * scale * g / ||v|| for the features: (G * factor) @ v
+                grad_features[start:stop] = torch.mm(grad, weight)
+            else:
+                grad_weight += torch.mm(grad.t().to(compute), block.to(compute)).float() * ctx.scale
+                grad.mul_(factor)
+                grad_features[start:stop] = torch.mm(grad.to(compute), weight).float()
+        # Weight norm, W = g v / ||v||: dL/dg = M . v_hat, dL/dv = g / ||v|| (M - (M . v_hat) v_hat).
+        v = weight_v.detach().float()
+        along = torch.bmm(grad_weight.unsqueeze(1), v.unsqueeze(2)).view(-1) / norms  # (C,) M . v_hat
+        gain = weight_g.detach().float().view(-1)
+        grad_g = along.unsqueeze(1).to(weight_g.dtype) if ctx.needs_input_grad[2] else None
+        grad_v = None
+        if ctx.needs_input_grad[1]:
+            grad_v = grad_weight.mul_((gain / norms).unsqueeze(1))
+            grad_v = grad_v.addcmul_(v, (-gain * along / norms.square()).unsqueeze(1)).to(weight_v.dtype)
+        grad_h = grad_features.to(features.dtype) if ctx.needs_input_grad[0] else None
+        return grad_h, grad_v, grad_g, None, None, None, None
+
+
+def soft_cross_entropy_terms(
+    features: Tensor,
+    weight_v: Tensor,
+    weight_g: Tensor,
+    scale: float,
+    targets: Sequence[SoftTarget],
+    *,
+    compute_dtype: torch.dtype = torch.float32,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> Tensor:
+    """Weighted soft cross-entropies through a weight-normalised linear layer, one value per target.
+
+    ``out[t] = sum_j w_tj * ( -sum_c p_tjc log softmax(s_{r_tj})_c )`` with student logits
+    ``s = scale * features @ (g v / ||v||).T`` computed chunk by chunk and never stored.
+
+    Args:
+        features: ``(R, d)`` student bottleneck features (differentiable).
+        weight_v: ``(C, d)`` the student layer's ``weight_v`` (differentiable).
+        weight_g: ``(C, 1)`` its ``weight_g`` (differentiable or frozen).
+        scale: inverse student temperature.
+        targets: the terms; each ``probs`` buffer is overwritten with its gradient (do not reuse it).
+        compute_dtype: dtype of the matrix products (``bfloat16`` under mixed precision); softmax is float32.
+        chunk_bytes: size of one chunk of logits.
+
+    Returns:
+        ``(T,)`` float32, differentiable with respect to ``features``, ``weight_v`` and ``weight_g``. A target
+        without entries gives an exact 0.
+    """
+    if features.ndim != 2 or weight_v.ndim != 2 or features.shape[1] != weight_v.shape[1]:
+        raise ValueError(
+            f"features (R, d) and weight_v (C, d) must share d, got {tuple(features.shape)} and {tuple(weight_v.shape)}"
+        )
+    if weight_g.shape != (weight_v.shape[0], 1):
+        raise ValueError(f"weight_g must have shape {(weight_v.shape[0], 1)}, got {tuple(weight_g.shape)}")
+    for target in targets:
+        if target.probs.shape[1] != weight_v.shape[0]:
+            raise ValueError(f"target probs must have {weight_v.shape[0]} columns, got {target.probs.shape[1]}")
+        if target.rows.numel() and (int(target.rows[0]) < 0 or int(target.rows[-1]) >= features.shape[0]):
+            raise ValueError(f"target rows must lie in [0, {features.shape[0]})")
+    with _no_autocast(features.device):
+        out: Tensor = _SoftCrossEntropyTerms.apply(
+            features, weight_v, weight_g, scale, tuple(targets), compute_dtype, chunk_bytes
+        )
+    return out

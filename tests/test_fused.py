@@ -1,0 +1,219 @@
+"""The fused last layer + soft cross-entropy (cribo.fused) against the plain formulation on logits."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cribo.fused import SoftTarget, chunk_rows, soft_cross_entropy_terms, teacher_targets
+from cribo.losses import CrIBoLoss, cross_image_entries, student_terms
+
+TINY_CHUNK = 4 * 3 * 40  # 3 rows of 40 columns: forces several chunks
+
+
+def _layer(columns: int, dim: int, generator: torch.Generator, gain: bool = True) -> tuple[Tensor, Tensor]:
+    weight_v = torch.randn(columns, dim, generator=generator, dtype=torch.float64).float()
+    weight_g = (torch.rand(columns, 1, generator=generator) + 0.5) if gain else torch.ones(columns, 1)
+    return weight_v.requires_grad_(), weight_g.requires_grad_(gain)
+
+
+def _logits(features: Tensor, weight_v: Tensor, weight_g: Tensor) -> Tensor:
+    return features @ (weight_v * weight_g / weight_v.norm(dim=1, keepdim=True)).t()
+
+
+def _unit(rows: int, dim: int, generator: torch.Generator) -> Tensor:
+    return F.normalize(torch.randn(rows, dim, generator=generator), dim=-1)
+
+
+def test_chunk_rows_respects_the_byte_budget() -> None:
+    assert chunk_rows(65536) == 32 and chunk_rows(4096) == 512 and chunk_rows(10**9) == 1
+
+
+@pytest.mark.parametrize("chunk_bytes", [TINY_CHUNK, 2**20])
+def test_teacher_targets_match_softmax_of_centred_logits(chunk_bytes: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    features = _unit(11, 8, gen)
+    weight_v, weight_g = _layer(40, 8, gen)
+    center = torch.randn(1, 40, generator=gen)
+    probs, sums = teacher_targets(features, weight_v, weight_g, center, 0.04, column_sums=True, chunk_bytes=chunk_bytes)
+    logits = _logits(features, weight_v, weight_g).detach()
+    torch.testing.assert_close(probs, F.softmax((logits - center) / 0.04, dim=-1), atol=1e-6, rtol=1e-5)
+    assert sums is not None
+    torch.testing.assert_close(sums, logits.sum(0), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="temperature"):
+        teacher_targets(features, weight_v, weight_g, center, 0.0)
+
+
+def test_teacher_targets_in_bfloat16_stay_close() -> None:
+    gen = torch.Generator().manual_seed(1)
+    features = _unit(6, 16, gen)
+    weight_v, weight_g = _layer(50, 16, gen)
+    center = torch.zeros(1, 50)
+    exact, _ = teacher_targets(features, weight_v, weight_g, center, 0.1)
+    low, _ = teacher_targets(features, weight_v, weight_g, center, 0.1, compute_dtype=torch.bfloat16)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, exact, atol=2e-2, rtol=0.1)
+
+
+@pytest.mark.parametrize("gain", [True, False])
+@pytest.mark.parametrize("chunk_bytes", [TINY_CHUNK, 2**20])
+def test_soft_cross_entropy_terms_values_and_gradients(gain: bool, chunk_bytes: int) -> None:
+    gen = torch.Generator().manual_seed(2)
+    features = _unit(10, 8, gen).requires_grad_()
+    weight_v, weight_g = _layer(40, 8, gen, gain=gain)
+    first = F.softmax(torch.randn(10, 40, generator=gen), dim=-1)
+    second = F.softmax(torch.randn(4, 40, generator=gen) * 3, dim=-1)
+    rows2 = torch.tensor([0, 3, 4, 9])
+    w1, w2 = torch.full((10,), 0.1), torch.rand(4, generator=gen)
+    targets = [SoftTarget(first.clone(), torch.arange(10), w1), SoftTarget(second.clone(), rows2, w2)]
+    out = soft_cross_entropy_terms(features, weight_v, weight_g, 7.0, targets, chunk_bytes=chunk_bytes)
+
+    log_probs = F.log_softmax(7.0 * _logits(features, weight_v, weight_g), dim=-1)
+    reference = torch.stack(
+        [(w1 * -(first * log_probs).sum(-1)).sum(), (w2 * -(second * log_probs[rows2]).sum(-1)).sum()]
+    )
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+    upstream = torch.tensor([0.7, -1.3])
+    inputs = [features, weight_v] + ([weight_g] if gain else [])
+    got = torch.autograd.grad((out * upstream).sum(), inputs)
+    want = torch.autograd.grad((reference * upstream).sum(), inputs)
+    for mine, theirs in zip(got, want, strict=True):
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-4)
+
+
+def test_soft_cross_entropy_terms_empty_target_and_bad_inputs() -> None:
+    gen = torch.Generator().manual_seed(3)
+    features = _unit(5, 4, gen).requires_grad_()
+    weight_v, weight_g = _layer(6, 4, gen)
+    empty = SoftTarget(torch.zeros(0, 6), torch.zeros(0, dtype=torch.long), torch.zeros(0))
+    (out,) = soft_cross_entropy_terms(features, weight_v, weight_g, 1.0, [empty])
+    assert out.item() == 0.0
+    out.backward()
+    assert features.grad is not None and torch.count_nonzero(features.grad) == 0
+    with pytest.raises(ValueError, match="ascending"):
+        SoftTarget(torch.zeros(2, 6), torch.tensor([1, 0]), torch.ones(2))
+    with pytest.raises(ValueError, match="columns"):
+        soft_cross_entropy_terms(
+            features,
+            weight_v,
+            weight_g,
+            1.0,
+            [SoftTarget(torch.zeros(1, 5), torch.zeros(1, dtype=torch.long), torch.ones(1))],
+        )
+    with pytest.raises(ValueError, match="rows must lie"):
+        soft_cross_entropy_terms(
+            features, weight_v, weight_g, 1.0, [SoftTarget(torch.zeros(1, 6), torch.tensor([5]), torch.ones(1))]
+        )
+    with pytest.raises(ValueError, match="share d"):
+        soft_cross_entropy_terms(features[:, :3], weight_v, weight_g, 1.0, [empty])
+
+
+@pytest.mark.parametrize("normalization", ["per_view", "view1"])
+def test_cross_image_entries_follow_the_mask(normalization: str) -> None:
+    mask = torch.tensor([[True, False, True, True], [False, True, False, False]])
+    order, rows, weights = cross_image_entries(mask, normalization)  # type: ignore[arg-type]
+    # Student view 0 (rows 0..3) learns from view-1 neighbours, student view 1 (rows 4..7) from view-0 ones.
+    assert order.tolist() == [5, 0, 2, 3] and rows.tolist() == [1, 4, 6, 7]
+    expected = [0.5, 1 / 6, 1 / 6, 1 / 6] if normalization == "per_view" else [1 / 6] * 4
+    torch.testing.assert_close(weights, torch.tensor(expected))
+    _, _, none = cross_image_entries(torch.tensor([[False, False], [True, False]]), "view1")
+    assert none.tolist() == [0.0]
+
+
+def _step_inputs(seed: int, num_objects: int, mask: Tensor | None = None) -> dict[str, Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    images, dim = 3, 8
+    mask = torch.rand(2, num_objects, generator=gen) < 0.6 if mask is None else mask
+    return {
+        "student_global": _unit(2 * images, dim, gen),
+        "teacher_global": _unit(2 * images, dim, gen),
+        "student_objects": _unit(2 * num_objects, dim, gen),
+        "teacher_objects": _unit(2 * num_objects, dim, gen),
+        "neighbours": _unit(2 * num_objects, dim, gen).unflatten(0, (2, num_objects)),
+        "cycle_mask": mask,
+    }
+
+
+@pytest.mark.parametrize("normalization", ["per_view", "view1"])
+@pytest.mark.parametrize(
+    ("num_objects", "mask"),
+    [
+        (7, None),
+        (5, torch.tensor([[False] * 5, [True, False, True, False, True]])),
+        (0, torch.zeros(2, 0, dtype=torch.bool)),
+    ],
+)
+def test_fused_step_equals_crib_loss_on_logits(normalization: str, num_objects: int, mask: Tensor | None) -> None:
+    """targets() + student_terms() give CrIBoLoss.forward's terms, centre updates and gradients."""
+    inputs = _step_inputs(4, num_objects, mask)
+    gen = torch.Generator().manual_seed(5)
+    student_layers = [_layer(30, 8, gen), _layer(20, 8, gen)]
+    teacher_layers = [tuple(t.detach() for t in _layer(30, 8, gen)), tuple(t.detach() for t in _layer(20, 8, gen))]
+    plain = CrIBoLoss(30, 20, student_temp=0.1, student_temp_c=0.2, cross_image_normalization=normalization)  # type: ignore[arg-type]
+    with torch.no_grad():
+        plain.center.center.normal_(generator=gen)
+        plain.center_c.center.normal_(generator=gen)
+    fused = copy.deepcopy(plain)
+    sg = inputs["student_global"].clone().requires_grad_()
+    so = inputs["student_objects"].clone().requires_grad_()
+    reference = plain(
+        _logits(sg, *student_layers[0]),
+        _logits(inputs["teacher_global"], *teacher_layers[0]),
+        _logits(so, *student_layers[1]),
+        _logits(inputs["teacher_objects"], *teacher_layers[1]),
+        _logits(inputs["neighbours"].flatten(0, 1), *teacher_layers[1]).unflatten(0, (2, num_objects)),
+        inputs["cycle_mask"],
+        teacher_temp=0.04,
+        teacher_temp_c=0.07,
+        cross_image=True,
+    )
+    order, _, _ = cross_image_entries(inputs["cycle_mask"], normalization)  # type: ignore[arg-type]
+    targets = fused.targets(
+        inputs["teacher_global"],
+        inputs["teacher_objects"],
+        inputs["neighbours"].flatten(0, 1)[order],
+        inputs["cycle_mask"],
+        teacher_layers[0],  # type: ignore[arg-type]
+        teacher_layers[1],  # type: ignore[arg-type]
+        0.04,
+        0.07,
+    )
+    fg = inputs["student_global"].clone().requires_grad_()
+    fo = inputs["student_objects"].clone().requires_grad_()
+    terms = student_terms(fg, fo, student_layers[0], student_layers[1], targets, 0.1, 0.2)
+    for key in ("global", "object", "cross_image"):
+        torch.testing.assert_close(terms[key], reference[key], atol=1e-5, rtol=1e-5, msg=key)
+    torch.testing.assert_close(fused.center.center, plain.center.center, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(fused.center_c.center, plain.center_c.center, atol=1e-6, rtol=1e-5)
+    params = [p for layer in student_layers for p in layer]
+    weights = torch.tensor([1.0, 0.5, 2.0])
+    total_ref = sum(w * reference[k] for w, k in zip(weights, ("global", "object", "cross_image"), strict=True))
+    total = sum(w * terms[k] for w, k in zip(weights, ("global", "object", "cross_image"), strict=True))
+    want = torch.autograd.grad(total_ref, [sg, so, *params], allow_unused=True)
+    got = torch.autograd.grad(total, [fg, fo, *params], allow_unused=True)
+    for mine, theirs in zip(got, want, strict=True):
+        if theirs is None:
+            assert mine is None or torch.count_nonzero(mine) == 0
+        else:
+            torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-4)
+
+
+def test_targets_reject_a_neighbour_count_that_does_not_match_the_mask() -> None:
+    inputs = _step_inputs(6, 4, torch.tensor([[True, True, False, False], [False, False, False, True]]))
+    gen = torch.Generator().manual_seed(7)
+    layer = tuple(t.detach() for t in _layer(10, 8, gen))
+    with pytest.raises(ValueError, match="one row per cycle-consistent retrieval"):
+        CrIBoLoss(10, 10).targets(
+            inputs["teacher_global"],
+            inputs["teacher_objects"],
+            inputs["teacher_objects"][:2],
+            inputs["cycle_mask"],
+            layer,
+            layer,
+            0.04,
+            0.04,  # type: ignore[arg-type]
+        )
