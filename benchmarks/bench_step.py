@@ -101,21 +101,21 @@ SPEED_GOALS: dict[str, float] = {"A": 2.0, "B": 1.2, "C": 1.5}  # required autho
 
 # Our fine phases (names laps of instrumented_step / instrumented_dino_step) -> the authors' six phases.
 PHASE_MAP: dict[str, tuple[str, ...]] = {
-    "teacher forward": ("teacher_backbone", "teacher_global_head"),
+    "teacher forward": ("teacher_backbone",),
     "clustering": ("clustering",),
     "student forward + backward": ("student_backbone_forward", "student_backbone_backward"),
     "bank search and update": ("bank_search", "bank_push"),
-    "object heads and loss": ("teacher_object_head", "student_heads_forward", "loss", "heads_loss_backward"),
+    "object heads and loss": ("teacher_head_mlp", "teacher_targets", "student_head_mlp", "loss", "heads_loss_backward"),
     "optimiser and EMA": ("optimiser", "ema"),
 }
 FINE_PHASES: tuple[str, ...] = (
     "teacher_backbone",
     "clustering",
     "bank_search",
-    "teacher_global_head",
-    "teacher_object_head",
+    "teacher_head_mlp",
+    "teacher_targets",
     "student_backbone_forward",
-    "student_heads_forward",
+    "student_head_mlp",
     "loss",
     "heads_loss_backward",
     "student_backbone_backward",
@@ -127,11 +127,11 @@ PHASE_NOTES: dict[str, str] = {
     "teacher_backbone": "teacher ViT forward (no grad)",
     "clustering": "joint_space_clustering + valid_objects + pool_objects + select_valid",
     "bank_search": "match_objects: NN search of both views + cycle check (before the push)",
-    "teacher_global_head": "teacher head on [CLS]",
-    "teacher_object_head": "teacher object head on objects and retrieved neighbours",
+    "teacher_head_mlp": "teacher head MLP on [CLS], objects and the cycle-consistent neighbours",
+    "teacher_targets": "CrIBoLoss.targets: fused teacher last layers + sharpening (3 targets), centre updates",
     "student_backbone_forward": "student ViT forward (drop-path 0.1)",
-    "student_heads_forward": "student pooling + global head + object head",
-    "loss": "CrIBoLoss (3 terms, centre updates)",
+    "student_head_mlp": "student object pooling + head MLP on [CLS] and objects",
+    "loss": "student_terms: fused student last layers + the 3 cross-entropies (forward)",
     "heads_loss_backward": "backward from the loss to the student tokens (heads + loss)",
     "student_backbone_backward": "backward through the student ViT",
     "optimiser": "AdamW step (+ last-layer freeze / clipping when on)",
@@ -227,8 +227,9 @@ def _teacher_phases(trainer: Any, images: Any, positions: Any, values: Any, cloc
     import torch
 
     from cribo.clustering import joint_space_clustering, pool_objects, select_valid, valid_objects
+    from cribo.losses import cross_image_entries
     from cribo.matching import match_objects
-    from cribo.train import TeacherOutput, autocast, split_tokens
+    from cribo.train import TeacherOutput, autocast, compute_dtype, split_tokens
 
     cfg = trainer.config.method
     num_images = positions.shape[0]
@@ -255,18 +256,30 @@ def _teacher_phases(trainer: Any, images: Any, positions: Any, values: Any, cloc
         matches = match_objects(objects, trainer.bank, chunk_size=cfg.bank_chunk_size)
         clock.lap("bank_search")
         head = trainer.teacher.head
+        if values.cross_image:
+            order, _, _ = cross_image_entries(matches.cycle_mask, trainer.criterion.cross_image_normalization)
+            neighbours = matches.neighbours.flatten(0, 1)[order]
+        else:
+            neighbours = objects.new_zeros(0, objects.shape[-1])
         with autocast(trainer):
-            global_logits = head(cls)
-        clock.lap("teacher_global_head")
-        with autocast(trainer):
-            both = torch.cat([objects.transpose(0, 1).flatten(0, 1), matches.neighbours.flatten(0, 1)])
-            object_side = head.forward_objects(both).float()
-        clock.lap("teacher_object_head")
-    n = objects.shape[0]
+            global_features = head.bottleneck(cls)
+            object_features = head.bottleneck(objects.transpose(0, 1).flatten(0, 1))
+            neighbour_features = head.bottleneck(neighbours)
+        clock.lap("teacher_head_mlp")
+        targets = trainer.criterion.targets(
+            global_features,
+            object_features,
+            neighbour_features,
+            matches.cycle_mask,
+            (head.last_layer.weight_v, head.last_layer.weight_g),
+            (head.last_layer_c.weight_v, head.last_layer_c.weight_g),
+            values.teacher_temp,
+            values.teacher_temp_c,
+            compute_dtype=compute_dtype(trainer),
+        )
+        clock.lap("teacher_targets")
     return TeacherOutput(
-        global_logits=global_logits.float(),
-        object_logits=object_side[: 2 * n],
-        neighbour_logits=object_side[2 * n :].unflatten(0, (2, n)),
+        targets=targets,
         assignment=clusters.assignment,
         valid=valid,
         objects=objects,
@@ -296,45 +309,60 @@ def _split_backward(trainer: Any, loss: Any, tokens: Any, leaf: Any, values: Any
     clock.lap("optimiser")
 
 
-def instrumented_step(trainer: Any, batch: Any, clock: common.PhaseClock) -> dict[str, float]:
-    """One ``train_step`` with a lap after each phase; returns per-step counts (objects, cycle-consistent).
-
-    The student's ``StudentStep.forward`` (backbone, split, pooling, two heads) is unrolled: the backbone's
-    tokens are detached into a leaf so that the backward can be timed in two parts, heads + loss and backbone;
-    the gradients are the same as with the fused backward.
-    """
-    from cribo import distributed
+def _student_phases(trainer: Any, images: Any, teacher: Any, values: Any, clock: common.PhaseClock) -> Any:
+    """``StudentStep.forward`` unrolled with laps, the backbone's tokens detached into a leaf (see below)."""
     from cribo.clustering import pool_objects, select_valid
-    from cribo.teacher import ema_update
-    from cribo.train import autocast, split_tokens
+    from cribo.losses import student_terms
+    from cribo.train import autocast, compute_dtype, split_tokens
 
-    clock.start()
-    values, images, positions = _step_inputs(trainer, batch)
-    teacher = _teacher_phases(trainer, images, positions, values, clock)
     network = trainer.student
     with autocast(trainer):
         tokens = network(images)
     clock.lap("student_backbone_forward")
     leaf = tokens.detach().requires_grad_()
+    head = network.head
     with autocast(trainer):
         cls, patches = split_tokens(leaf, teacher.assignment.shape[0])
         objects, _ = select_valid(pool_objects(patches, teacher.assignment.to(patches.dtype)), teacher.valid)
-        student_global = network.head(cls)
-        student_objects = network.head.forward_objects(objects.transpose(0, 1).flatten(0, 1))
-    clock.lap("student_heads_forward")
-    terms = trainer.criterion(
-        student_global.float(),
-        teacher.global_logits,
-        student_objects.float(),
-        teacher.object_logits,
-        teacher.neighbour_logits,
-        teacher.cycle_mask,
-        teacher_temp=values.teacher_temp,
-        teacher_temp_c=values.teacher_temp_c,
-        cross_image=values.cross_image,
+        global_features = head.bottleneck(cls)
+        object_features = head.bottleneck(objects.transpose(0, 1).flatten(0, 1))
+    clock.lap("student_head_mlp")
+    with autocast(trainer):
+        terms = student_terms(
+            global_features,
+            object_features,
+            (head.last_layer.weight_v, head.last_layer.weight_g),
+            (head.last_layer_c.weight_v, head.last_layer_c.weight_g),
+            teacher.targets,
+            trainer.criterion.student_temp,
+            trainer.criterion.student_temp_c,
+            compute_dtype=compute_dtype(trainer),
+        )
+    weights = trainer.config.loss
+    loss = (
+        weights.weight_global * terms["global"]
+        + weights.weight_object * terms["object"]
+        + weights.weight_cross_image * terms["cross_image"]
     )
     clock.lap("loss")
-    _split_backward(trainer, terms["loss"], tokens, leaf, values, clock)
+    return tokens, leaf, loss
+
+
+def instrumented_step(trainer: Any, batch: Any, clock: common.PhaseClock) -> dict[str, float]:
+    """One ``train_step`` with a lap after each phase; returns per-step counts (objects, cycle-consistent).
+
+    The student's ``StudentStep.forward`` (backbone, split, pooling, head MLP, fused last layers + loss) is
+    unrolled: the backbone's tokens are detached into a leaf so that the backward can be timed in two parts,
+    heads + loss and backbone; the gradients are the same as with the single backward.
+    """
+    from cribo import distributed
+    from cribo.teacher import ema_update
+
+    clock.start()
+    values, images, positions = _step_inputs(trainer, batch)
+    teacher = _teacher_phases(trainer, images, positions, values, clock)
+    tokens, leaf, loss = _student_phases(trainer, images, teacher, values, clock)
+    _split_backward(trainer, loss, tokens, leaf, values, clock)
     ema_update(trainer.teacher, trainer.student, values.momentum)
     clock.lap("ema")
     trainer.bank.push(
@@ -350,39 +378,59 @@ def instrumented_step(trainer: Any, batch: Any, clock: common.PhaseClock) -> dic
 def dino_step(trainer: Any, batch: Any, clock: common.PhaseClock | None = None) -> None:
     """The DINO floor: two views through teacher and student, [CLS] head + DINO loss, optimiser, EMA.
 
-    Built from the library's pieces: ``backbone_tokens`` via the networks, ``ProjectionHead.forward``,
-    ``sharpen`` + ``cross_view_loss`` + ``Center.update`` (CrIBo's global term), ``optimiser_step`` and
-    ``ema_update``. With a clock, the backward is cut at the tokens as in :func:`instrumented_step`.
+    The library's own path with no objects: the teacher's [CLS] bottleneck, ``CrIBoLoss.targets`` (global target
+    and centre update; the object and neighbour targets are empty), the student's [CLS] bottleneck,
+    ``student_terms`` (the fused [CLS] cross-entropy; the empty object terms are exact zeros), ``optimiser_step``
+    and ``ema_update``. With a clock, the backward is cut at the tokens as in :func:`instrumented_step`.
     """
     import torch
 
-    from cribo.losses import cross_view_loss, sharpen
+    from cribo.losses import student_terms
     from cribo.teacher import ema_update
-    from cribo.train import autocast, optimiser_step
+    from cribo.train import autocast, compute_dtype, optimiser_step
 
     lap = clock.lap if clock is not None else (lambda name: None)
     if clock is not None:
         clock.start()
     values, images, _ = _step_inputs(trainer, batch)
-    num_images = batch.images.shape[0]
+    dtype = compute_dtype(trainer)
+    head, student_head = trainer.teacher.head, trainer.student.head
     with torch.no_grad():
         with autocast(trainer):
             teacher_cls = trainer.teacher(images)[:, 0]
         lap("teacher_backbone")
         with autocast(trainer):
-            teacher_global = trainer.teacher.head(teacher_cls).float()
-        lap("teacher_global_head")
+            features = head.bottleneck(teacher_cls)
+        none = features[:0]
+        targets = trainer.criterion.targets(
+            features,
+            none,
+            none,
+            torch.zeros(2, 0, dtype=torch.bool, device=features.device),
+            (head.last_layer.weight_v, head.last_layer.weight_g),
+            (head.last_layer_c.weight_v, head.last_layer_c.weight_g),
+            values.teacher_temp,
+            values.teacher_temp_c,
+            compute_dtype=dtype,
+        )
+        lap("teacher_targets")
     with autocast(trainer):
         tokens = trainer.student(images)
     lap("student_backbone_forward")
     leaf = tokens.detach().requires_grad_() if clock is not None else tokens
     with autocast(trainer):
-        student_global = trainer.student.head(leaf[:, 0]).float()
-    lap("student_heads_forward")
-    center = trainer.criterion.center
-    probs = sharpen(teacher_global, center.center, values.teacher_temp).unflatten(0, (2, num_images))
-    loss = cross_view_loss(probs, (student_global / trainer.criterion.student_temp).unflatten(0, (2, num_images)))
-    center.update(teacher_global)
+        student_features = student_head.bottleneck(leaf[:, 0])
+        lap("student_head_mlp")
+        loss = student_terms(
+            student_features,
+            student_features[:0],
+            (student_head.last_layer.weight_v, student_head.last_layer.weight_g),
+            (student_head.last_layer_c.weight_v, student_head.last_layer_c.weight_g),
+            targets,
+            trainer.criterion.student_temp,
+            trainer.criterion.student_temp_c,
+            compute_dtype=dtype,
+        )["global"]
     lap("loss")
     if clock is not None:
         _split_backward(trainer, loss, tokens, leaf, values, clock)
@@ -642,15 +690,17 @@ def _intro(quick: bool, in_process: bool) -> list[str]:
 def _split_notes() -> str:
     return (
         "How the split is taken: `instrumented_step` calls the same library functions as `train_step` in the "
-        "same order (`teacher_side`'s body, then `StudentStep.forward`'s body, `CrIBoLoss`, the body of "
-        "`optimiser_step`, `ema_update`, `ObjectMemoryBank.push`) with a timer between them. The backward is cut "
-        "at the student's tokens (detached leaf): *heads + loss backward* and *backbone backward* are timed "
-        "apart; the gradients are the same. Mapping to the authors' phases: teacher forward = teacher backbone "
-        "+ teacher [CLS] head; clustering = clustering + object pooling; student forward + backward = student "
-        "backbone forward + backward; bank search and update = `match_objects` + `push`; object heads and loss ="
-        " teacher object head (objects and neighbours) + student heads forward (both heads) + loss + its "
-        "backward; optimiser and EMA = AdamW step + EMA. The student's [CLS] head (2B rows) is counted in "
-        "*object heads and loss*; the authors' attribution of it is not documented."
+        "same order (`teacher_side`'s body, then `StudentStep.forward`'s body, the body of `optimiser_step`, "
+        "`ema_update`, `ObjectMemoryBank.push`) with a timer between them. The backward is cut at the student's "
+        "tokens (detached leaf): *heads + loss backward* and *backbone backward* are timed apart; the gradients "
+        "are the same. The heads' last layers are fused with the losses (`cribo.fused`), so the [CLS] and object "
+        "heads cannot be timed apart. Mapping to the authors' phases: teacher forward = teacher backbone; "
+        "clustering = clustering + object pooling; student forward + backward = student backbone forward + "
+        "backward; bank search and update = `match_objects` + `push`; object heads and loss = both heads of "
+        "teacher and student (MLP and fused last layers, [CLS] included) + the losses + their backward; optimiser "
+        "and EMA = AdamW step + EMA. The [CLS] heads (2B rows against the objects' 2n) are counted in *object "
+        "heads and loss*; the authors' attribution of the teacher's [CLS] head (their *teacher forward*) is not "
+        "documented."
     )
 
 

@@ -150,9 +150,32 @@ class SoftTarget:
             raise ValueError("SoftTarget.rows must be in ascending order")
 
 
-def _entry_bounds(rows: Tensor, starts: Tensor) -> list[int]:
-    """Index of the first entry at or after each chunk start (plus the end): the entries of each row chunk."""
-    return torch.searchsorted(rows, starts).tolist()
+RowSelection = slice | Tensor
+
+
+def _chunk_entries(rows: Tensor, num_rows: int, step: int) -> list[tuple[slice, RowSelection]]:
+    """For each chunk of ``step`` student rows: the slice of a target's entries in it, and their rows in the chunk
+    (a slice when those rows are contiguous, the common case, else an index tensor). Planned on the host once."""
+    values = rows.tolist()
+    plan = []
+    lo = 0
+    for start in range(0, num_rows, step):
+        hi = lo
+        while hi < len(values) and values[hi] < start + step:
+            hi += 1
+        local: RowSelection
+        if hi > lo and values[hi - 1] - values[lo] == hi - lo - 1:
+            local = slice(values[lo] - start, values[hi - 1] - start + 1)
+        else:
+            local = rows[lo:hi] - start
+        plan.append((slice(lo, hi), local))
+        lo = hi
+    return plan
+
+
+def _is_identity(rows: Tensor, num_rows: int) -> bool:
+    """Whether the entries are exactly the rows ``0 .. num_rows - 1`` in order."""
+    return rows.shape[0] == num_rows and (num_rows == 0 or rows.tolist() == list(range(num_rows)))
 
 
 class _SoftCrossEntropyTerms(torch.autograd.Function):
@@ -173,18 +196,16 @@ class _SoftCrossEntropyTerms(torch.autograd.Function):
         factor, norms = column_scale(weight_v, weight_g, scale)
         weight = weight_v.detach().to(compute_dtype)
         step = chunk_rows(num_columns, chunk_bytes)
-        starts = torch.arange(0, num_rows + step, step, device=features.device).clamp_(max=num_rows)
-        bounds = [_entry_bounds(t.rows, starts) for t in targets]
+        plans = [_chunk_entries(t.rows, num_rows, step) for t in targets]
         losses = torch.zeros(len(targets), device=features.device, dtype=torch.float32)
         for chunk, start in enumerate(range(0, num_rows, step)):
             logits = _logits_chunk(features[start : start + step].detach(), weight, factor)
             lse = torch.logsumexp(logits, dim=1)
             parts = []
             for index, target in enumerate(targets):
-                lo, hi = bounds[index][chunk], bounds[index][chunk + 1]
-                if hi > lo:
-                    local = target.rows[lo:hi] - start
-                    probs, weights = target.probs[lo:hi], target.weights[lo:hi]
+                entries, local = plans[index][chunk]
+                if entries.stop > entries.start:
+                    probs, weights = target.probs[entries], target.weights[entries]
                     mass = probs.sum(dim=1)
                     dots = torch.bmm(probs.unsqueeze(1), logits[local].unsqueeze(2)).view(-1)
                     losses[index] += (weights * (lse[local] * mass - dots)).sum()
@@ -193,49 +214,65 @@ class _SoftCrossEntropyTerms(torch.autograd.Function):
             for probs, local, coefficient, weights in parts:
                 # probs <- w * (mass * softmax - p): the entry's gradient with respect to its logits.
                 probs.mul_(-weights.unsqueeze(1)).addcmul_(softmax[local], coefficient.unsqueeze(1))
-        ctx.targets, ctx.bounds, ctx.step = targets, bounds, step
-        ctx.compute_dtype, ctx.scale = compute_dtype, scale
+        ctx.targets, ctx.compute_dtype, ctx.scale, ctx.chunk_bytes = targets, compute_dtype, scale, chunk_bytes
         ctx.save_for_backward(features, weight_v, weight_g, factor, norms)
         return losses
 
     @staticmethod
     def backward(ctx: Any, grad_losses: Tensor) -> tuple[Tensor | None, ...]:
         features, weight_v, weight_g, factor, norms = ctx.saved_tensors
-        targets, bounds, step = ctx.targets, ctx.bounds, ctx.step
-        num_rows, num_columns = features.shape[0], weight_v.shape[0]
-        gammas = grad_losses.tolist()
-        compute = ctx.compute_dtype
-        weight = weight_v.detach().to(compute)
-        grad_weight = torch.zeros(num_columns, features.shape[1], device=features.device, dtype=torch.float32)
-        grad_features = torch.empty(num_rows, features.shape[1], device=features.device, dtype=torch.float32)
-        for chunk, start in enumerate(range(0, num_rows, step)):
-            stop = min(start + step, num_rows)
-            grad = torch.zeros(stop - start, num_columns, device=features.device, dtype=torch.float32)
-            for index, target in enumerate(targets):
-                lo, hi = bounds[index][chunk], bounds[index][chunk + 1]
-                if hi > lo and gammas[index] != 0.0:
-                    grad.index_add_(0, target.rows[lo:hi] - start, target.probs[lo:hi], alpha=gammas[index])
-            # s = scale * (h @ (g v / ||v||).T): first the gradient of the normalised weight W (scale * G^T h) ...
-            block = features[start:stop].detach()
-            if compute == torch.float32:
-                grad_weight.addmm_(grad.t(), block.float(), alpha=ctx.scale)
-                grad.mul_(factor)  # ... then G * scale * g / ||v|| for the features: (G * factor) @ v
-                grad_features[start:stop] = torch.mm(grad, weight)
-            else:
-                grad_weight += torch.mm(grad.t().to(compute), block.to(compute)).float() * ctx.scale
-                grad.mul_(factor)
-                grad_features[start:stop] = torch.mm(grad.to(compute), weight).float()
-        # Weight norm, W = g v / ||v||: dL/dg = M . v_hat, dL/dv = g / ||v|| (M - (M . v_hat) v_hat).
-        v = weight_v.detach().float()
-        along = torch.bmm(grad_weight.unsqueeze(1), v.unsqueeze(2)).view(-1) / norms  # (C,) M . v_hat
+        num_rows, dim = features.shape
+        num_columns = weight_v.shape[0]
+        compute, device = ctx.compute_dtype, features.device
+        active = [
+            (target, gamma, _is_identity(target.rows, num_rows))
+            for target, gamma in zip(ctx.targets, grad_losses.tolist(), strict=True)
+            if gamma != 0.0 and target.rows.numel()
+        ]
+        h = features.detach().to(compute)
         gain = weight_g.detach().float().view(-1)
-        grad_g = along.unsqueeze(1).to(weight_g.dtype) if ctx.needs_input_grad[2] else None
-        grad_v = None
-        if ctx.needs_input_grad[1]:
-            grad_v = grad_weight.mul_((gain / norms).unsqueeze(1))
-            grad_v = grad_v.addcmul_(v, (-gain * along / norms.square()).unsqueeze(1)).to(weight_v.dtype)
-        grad_h = grad_features.to(features.dtype) if ctx.needs_input_grad[0] else None
-        return grad_h, grad_v, grad_g, None, None, None, None
+        grad_features = torch.zeros(num_rows, dim, device=device, dtype=torch.float32)
+        grad_v = torch.empty(num_columns, dim, device=device, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_g = torch.empty(num_columns, device=device, dtype=torch.float32) if ctx.needs_input_grad[2] else None
+        # Column blocks: the stored per-entry gradients are complete, so the columns are independent here, and each
+        # block of the weight gradient is written once.
+        width = chunk_rows(max(num_rows, 1), ctx.chunk_bytes)
+        with _no_autocast(device):
+            for first in range(0, num_columns if active else 0, width):
+                cols = slice(first, min(first + width, num_columns))
+                grad = torch.zeros(num_rows, cols.stop - cols.start, device=device, dtype=torch.float32)
+                for target, gamma, identity in active:
+                    if identity:
+                        grad.add_(target.probs[:, cols], alpha=gamma)
+                    else:
+                        grad.index_add_(0, target.rows, target.probs[:, cols], alpha=gamma)
+                # s = scale * h @ W.T with W = g v / ||v||: dL/dW = scale * G.T h; dL/dh = (G * factor) @ v.
+                grad_w = torch.mm(grad.t().to(compute), h).float().mul_(ctx.scale)
+                v = weight_v.detach()[cols]
+                grad.mul_(factor[cols])
+                grad_features += torch.mm(grad.to(compute), v.to(compute)).float()
+                # Weight norm: dL/dg = M . v_hat; dL/dv = g / ||v|| (M - (M . v_hat) v_hat).
+                v = v.float()
+                norm, g = norms[cols], gain[cols]
+                along = (grad_w * v).sum(dim=1) / norm
+                if grad_g is not None:
+                    grad_g[cols] = along
+                if grad_v is not None:
+                    grad_v[cols] = grad_w.mul_((g / norm).unsqueeze(1)).addcmul_(
+                        v, (-g * along / norm.square()).unsqueeze(1)
+                    )
+        if not active:
+            grad_v = grad_v.zero_() if grad_v is not None else None
+            grad_g = grad_g.zero_() if grad_g is not None else None
+        return (
+            grad_features.to(features.dtype) if ctx.needs_input_grad[0] else None,
+            grad_v.to(weight_v.dtype) if grad_v is not None else None,
+            grad_g.view(-1, 1).to(weight_g.dtype) if grad_g is not None else None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def soft_cross_entropy_terms(

