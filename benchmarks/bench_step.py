@@ -226,61 +226,32 @@ def _teacher_phases(trainer: Any, images: Any, positions: Any, values: Any, cloc
     """``cribo.train.teacher_side``, the same calls in the same order, with laps between them."""
     import torch
 
-    from cribo.clustering import joint_space_clustering, pool_objects, select_valid, valid_objects
-    from cribo.losses import cross_image_entries
     from cribo.matching import match_objects
-    from cribo.train import TeacherOutput, autocast, compute_dtype, split_tokens
+    from cribo.train import TeacherOutput, autocast, split_tokens, teacher_objects, teacher_targets, used_neighbours
 
-    cfg = trainer.config.method
-    num_images = positions.shape[0]
     with torch.no_grad():
         with autocast(trainer):
             tokens = trainer.teacher(images)
-        cls, patches = split_tokens(tokens.float(), num_images)
+        cls, patches = split_tokens(tokens.float(), positions.shape[0])
         clock.lap("teacher_backbone")
-        clusters = joint_space_clustering(
-            patches,
-            positions.flatten(1, 2),
-            cfg.n_tokens,
-            values.pos_alpha,
-            sinkhorn_lambda=cfg.sinkhorn_lambda,
-            sinkhorn_iterations=cfg.sinkhorn_iterations,
-            num_rounds=cfg.n_iter,
-            update_marginals=cfg.update_c,
-            cost_normalization="batch" if cfg.semantics == "authors" else "image",
-            generator=trainer.cluster_generator,
-        )
-        valid = valid_objects(clusters.assignment)
-        objects, per_image = select_valid(pool_objects(patches, clusters.assignment), valid)
+        assignment, valid, objects, per_image = teacher_objects(trainer, patches, positions, values)
         clock.lap("clustering")
-        matches = match_objects(objects, trainer.bank, chunk_size=cfg.bank_chunk_size)
+        matches = match_objects(objects, trainer.bank, chunk_size=trainer.config.method.bank_chunk_size)
         clock.lap("bank_search")
         head = trainer.teacher.head
-        if values.cross_image:
-            order, _, _ = cross_image_entries(matches.cycle_mask, trainer.criterion.cross_image_normalization)
-            neighbours = matches.neighbours.flatten(0, 1)[order]
-        else:
-            neighbours = objects.new_zeros(0, objects.shape[-1])
+        neighbours = used_neighbours(trainer, matches, values)
         with autocast(trainer):
-            global_features = head.bottleneck(cls)
-            object_features = head.bottleneck(objects.transpose(0, 1).flatten(0, 1))
-            neighbour_features = head.bottleneck(neighbours)
+            features = (
+                head.bottleneck(cls),
+                head.bottleneck(objects.transpose(0, 1).flatten(0, 1)),
+                head.bottleneck(neighbours),
+            )
         clock.lap("teacher_head_mlp")
-        targets = trainer.criterion.targets(
-            global_features,
-            object_features,
-            neighbour_features,
-            matches.cycle_mask,
-            (head.last_layer.weight_v, head.last_layer.weight_g),
-            (head.last_layer_c.weight_v, head.last_layer_c.weight_g),
-            values.teacher_temp,
-            values.teacher_temp_c,
-            compute_dtype=compute_dtype(trainer),
-        )
+        targets = teacher_targets(trainer, features, matches.cycle_mask, values)
         clock.lap("teacher_targets")
     return TeacherOutput(
         targets=targets,
-        assignment=clusters.assignment,
+        assignment=assignment,
         valid=valid,
         objects=objects,
         objects_per_image=per_image,
@@ -311,39 +282,28 @@ def _split_backward(trainer: Any, loss: Any, tokens: Any, leaf: Any, values: Any
 
 def _student_phases(trainer: Any, images: Any, teacher: Any, values: Any, clock: common.PhaseClock) -> Any:
     """``StudentStep.forward`` unrolled with laps, the backbone's tokens detached into a leaf (see below)."""
-    from cribo.clustering import pool_objects, select_valid
     from cribo.losses import student_terms
-    from cribo.train import autocast, compute_dtype, split_tokens
+    from cribo.train import autocast, compute_dtype, student_features, weighted_loss
 
     network = trainer.student
     with autocast(trainer):
         tokens = network(images)
     clock.lap("student_backbone_forward")
     leaf = tokens.detach().requires_grad_()
-    head = network.head
     with autocast(trainer):
-        cls, patches = split_tokens(leaf, teacher.assignment.shape[0])
-        objects, _ = select_valid(pool_objects(patches, teacher.assignment.to(patches.dtype)), teacher.valid)
-        global_features = head.bottleneck(cls)
-        object_features = head.bottleneck(objects.transpose(0, 1).flatten(0, 1))
+        features = student_features(network, leaf, teacher.assignment, teacher.valid)
     clock.lap("student_head_mlp")
+    criterion = trainer.criterion
     with autocast(trainer):
         terms = student_terms(
-            global_features,
-            object_features,
-            (head.last_layer.weight_v, head.last_layer.weight_g),
-            (head.last_layer_c.weight_v, head.last_layer_c.weight_g),
+            *features,
+            *network.head.last_layer_parameters(),
             teacher.targets,
-            trainer.criterion.student_temp,
-            trainer.criterion.student_temp_c,
+            criterion.student_temp,
+            criterion.student_temp_c,
             compute_dtype=compute_dtype(trainer),
         )
-    weights = trainer.config.loss
-    loss = (
-        weights.weight_global * terms["global"]
-        + weights.weight_object * terms["object"]
-        + weights.weight_cross_image * terms["cross_image"]
-    )
+    loss = weighted_loss(terms, trainer.config)
     clock.lap("loss")
     return tokens, leaf, loss
 
@@ -387,7 +347,7 @@ def dino_step(trainer: Any, batch: Any, clock: common.PhaseClock | None = None) 
 
     from cribo.losses import student_terms
     from cribo.teacher import ema_update
-    from cribo.train import autocast, compute_dtype, optimiser_step
+    from cribo.train import autocast, compute_dtype, optimiser_step, teacher_targets
 
     lap = clock.lap if clock is not None else (lambda name: None)
     if clock is not None:
@@ -402,17 +362,8 @@ def dino_step(trainer: Any, batch: Any, clock: common.PhaseClock | None = None) 
         with autocast(trainer):
             features = head.bottleneck(teacher_cls)
         none = features[:0]
-        targets = trainer.criterion.targets(
-            features,
-            none,
-            none,
-            torch.zeros(2, 0, dtype=torch.bool, device=features.device),
-            (head.last_layer.weight_v, head.last_layer.weight_g),
-            (head.last_layer_c.weight_v, head.last_layer_c.weight_g),
-            values.teacher_temp,
-            values.teacher_temp_c,
-            compute_dtype=dtype,
-        )
+        no_objects = torch.zeros(2, 0, dtype=torch.bool, device=features.device)
+        targets = teacher_targets(trainer, (features, none, none), no_objects, values)
         lap("teacher_targets")
     with autocast(trainer):
         tokens = trainer.student(images)
@@ -424,8 +375,7 @@ def dino_step(trainer: Any, batch: Any, clock: common.PhaseClock | None = None) 
         loss = student_terms(
             student_features,
             student_features[:0],
-            (student_head.last_layer.weight_v, student_head.last_layer.weight_g),
-            (student_head.last_layer_c.weight_v, student_head.last_layer_c.weight_g),
+            *student_head.last_layer_parameters(),
             targets,
             trainer.criterion.student_temp,
             trainer.criterion.student_temp_c,

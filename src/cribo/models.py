@@ -324,6 +324,13 @@ class ProjectionHead(nn.Module):
         """Object logits: object representations (R, D) -> (R, Cc) through ``last_layer_c``."""
         return self.last_layer_c(self.bottleneck(x))
 
+    def last_layer_parameters(self) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        """``(weight_v, weight_g)`` of ``last_layer`` and of ``last_layer_c``, for the fused losses."""
+        return (
+            (self.last_layer.weight_v, self.last_layer.weight_g),
+            (self.last_layer_c.weight_v, self.last_layer_c.weight_g),
+        )
+
 
 def _init_linear(module: nn.Module) -> None:
     if isinstance(module, nn.Linear):

@@ -31,7 +31,7 @@ from cribo.augment import TwoViewAugmentation
 from cribo.clustering import joint_space_clustering, pool_objects, select_valid, valid_objects
 from cribo.config import TrainConfig
 from cribo.losses import CrIBoLoss, StepTargets, cross_image_entries, student_terms
-from cribo.matching import match_objects
+from cribo.matching import CrossImageMatches, match_objects
 from cribo.memory import ObjectMemoryBank
 from cribo.models import CrIBoNetwork, ProjectionHead, create_backbone
 from cribo.schedules import (
@@ -195,19 +195,19 @@ class StudentStep(nn.Module):
         temperatures: tuple[float, float],
         compute_dtype: torch.dtype,
     ) -> dict[str, Tensor]:
-        tokens = self.network(images)
-        cls, patches = split_tokens(tokens, assignment.shape[0])
-        objects, _ = select_valid(pool_objects(patches, assignment.to(patches.dtype)), valid)
-        head = self.network.head
+        features = student_features(self.network, self.network(images), assignment, valid)
         return student_terms(
-            head.bottleneck(cls),
-            head.bottleneck(objects.transpose(0, 1).flatten(0, 1)),
-            (head.last_layer.weight_v, head.last_layer.weight_g),
-            (head.last_layer_c.weight_v, head.last_layer_c.weight_g),
-            targets,
-            *temperatures,
-            compute_dtype=compute_dtype,
+            *features, *self.network.head.last_layer_parameters(), targets, *temperatures, compute_dtype=compute_dtype
         )
+
+
+def student_features(network: CrIBoNetwork, tokens: Tensor, assignment: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """Student tokens (2B,1+N,D) -> head bottleneck features of [CLS] (2B,d) and of the objects pooled with the
+    teacher's assignment (2n,d), view-major."""
+    cls, patches = split_tokens(tokens, assignment.shape[0])
+    objects, _ = select_valid(pool_objects(patches, assignment.to(patches.dtype)), valid)
+    head = network.head
+    return head.bottleneck(cls), head.bottleneck(objects.transpose(0, 1).flatten(0, 1))
 
 
 def split_tokens(tokens: Tensor, num_images: int) -> tuple[Tensor, Tensor]:
@@ -484,13 +484,14 @@ def compute_dtype(trainer: Trainer) -> torch.dtype:
 
 
 @torch.no_grad()
-def teacher_side(trainer: Trainer, images: Tensor, positions: Tensor, values: StepValues) -> TeacherOutput:
-    """Teacher forward, joint-space clustering, object pooling, cross-image matching and the teacher's targets."""
+def teacher_objects(
+    trainer: Trainer, patches: Tensor, positions: Tensor, values: StepValues
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Joint-space clustering of the teacher's patch tokens (B,T,D) and object pooling.
+
+    Returns the assignment (B,T,K), the valid clusters (B,K), the objects (n,V,D) and objects per image (B,).
+    """
     cfg = trainer.config.method
-    num_images = positions.shape[0]
-    with autocast(trainer):
-        tokens = trainer.teacher(images)
-    cls, patches = split_tokens(tokens.float(), num_images)
     clusters = joint_space_clustering(
         patches,
         positions.flatten(1, 2),
@@ -505,32 +506,52 @@ def teacher_side(trainer: Trainer, images: Tensor, positions: Tensor, values: St
     )
     valid = valid_objects(clusters.assignment)
     objects, per_image = select_valid(pool_objects(patches, clusters.assignment), valid)
-    matches = match_objects(objects, trainer.bank, chunk_size=cfg.bank_chunk_size)
-    head = trainer.teacher.head
-    # The teacher head runs on the objects and only on the neighbours the cross-image term uses.
-    if values.cross_image:
-        order, _, _ = cross_image_entries(matches.cycle_mask, trainer.criterion.cross_image_normalization)
-        neighbours = matches.neighbours.flatten(0, 1)[order]
-    else:
-        neighbours = objects.new_zeros(0, objects.shape[-1])
-    with autocast(trainer):
-        global_features = head.bottleneck(cls)
-        object_features = head.bottleneck(objects.transpose(0, 1).flatten(0, 1))
-        neighbour_features = head.bottleneck(neighbours)
-    targets = trainer.criterion.targets(
-        global_features,
-        object_features,
-        neighbour_features,
-        matches.cycle_mask,
-        (head.last_layer.weight_v, head.last_layer.weight_g),
-        (head.last_layer_c.weight_v, head.last_layer_c.weight_g),
+    return clusters.assignment, valid, objects, per_image
+
+
+def used_neighbours(trainer: Trainer, matches: CrossImageMatches, values: StepValues) -> Tensor:
+    """The retrieved neighbours the cross-image term uses (J,D), in :func:`cross_image_entries` order; none when
+    the term is off. The teacher head runs on these only."""
+    if not values.cross_image:
+        return matches.neighbours.new_zeros(0, matches.neighbours.shape[-1])
+    order, _, _ = cross_image_entries(matches.cycle_mask, trainer.criterion.cross_image_normalization)
+    return matches.neighbours.flatten(0, 1)[order]
+
+
+@torch.no_grad()
+def teacher_targets(
+    trainer: Trainer, features: tuple[Tensor, Tensor, Tensor], cycle_mask: Tensor, values: StepValues
+) -> StepTargets:
+    """The three targets from the teacher's bottleneck features of [CLS], objects and used neighbours."""
+    return trainer.criterion.targets(
+        *features,
+        cycle_mask,
+        *trainer.teacher.head.last_layer_parameters(),
         values.teacher_temp,
         values.teacher_temp_c,
         compute_dtype=compute_dtype(trainer),
     )
+
+
+@torch.no_grad()
+def teacher_side(trainer: Trainer, images: Tensor, positions: Tensor, values: StepValues) -> TeacherOutput:
+    """Teacher forward, joint-space clustering, object pooling, cross-image matching and the teacher's targets."""
+    with autocast(trainer):
+        tokens = trainer.teacher(images)
+    cls, patches = split_tokens(tokens.float(), positions.shape[0])
+    assignment, valid, objects, per_image = teacher_objects(trainer, patches, positions, values)
+    matches = match_objects(objects, trainer.bank, chunk_size=trainer.config.method.bank_chunk_size)
+    head = trainer.teacher.head
+    neighbours = used_neighbours(trainer, matches, values)
+    with autocast(trainer):
+        features = (
+            head.bottleneck(cls),
+            head.bottleneck(objects.transpose(0, 1).flatten(0, 1)),
+            head.bottleneck(neighbours),
+        )
     return TeacherOutput(
-        targets=targets,
-        assignment=clusters.assignment,
+        targets=teacher_targets(trainer, features, matches.cycle_mask, values),
+        assignment=assignment,
         valid=valid,
         objects=objects,
         objects_per_image=per_image,
@@ -585,12 +606,7 @@ def train_step(trainer: Trainer, batch: Batch) -> dict[str, float]:
             (criterion.student_temp, criterion.student_temp_c),
             compute_dtype(trainer),
         )
-    weights = trainer.config.loss
-    loss = (
-        weights.weight_global * terms["global"]
-        + weights.weight_object * terms["object"]
-        + weights.weight_cross_image * terms["cross_image"]
-    )
+    loss = weighted_loss(terms, trainer.config)
     terms["loss"] = loss
     if not torch.isfinite(loss):
         details = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items() if v.numel() == 1)
@@ -604,6 +620,16 @@ def train_step(trainer: Trainer, batch: Batch) -> dict[str, float]:
         distributed.all_gather_ragged(teacher.objects), distributed.all_gather_ragged(teacher.objects_per_image)
     )
     return step_log(terms, teacher, values)
+
+
+def weighted_loss(terms: dict[str, Tensor], config: TrainConfig) -> Tensor:
+    """The optimised loss: the three terms with the configured weights (``loss.weight_*``)."""
+    weights = config.loss
+    return (
+        weights.weight_global * terms["global"]
+        + weights.weight_object * terms["object"]
+        + weights.weight_cross_image * terms["cross_image"]
+    )
 
 
 def step_log(terms: dict[str, Tensor], teacher: TeacherOutput, values: StepValues) -> dict[str, float]:
