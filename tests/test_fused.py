@@ -217,3 +217,18 @@ def test_targets_reject_a_neighbour_count_that_does_not_match_the_mask() -> None
             0.04,
             0.04,  # type: ignore[arg-type]
         )
+
+
+def test_soft_cross_entropy_terms_in_bfloat16_stay_close() -> None:
+    gen = torch.Generator().manual_seed(8)
+    features = _unit(9, 16, gen).requires_grad_()
+    weight_v, weight_g = _layer(64, 16, gen)
+    probs = F.softmax(torch.randn(9, 64, generator=gen), dim=-1)
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        target = SoftTarget(probs.clone(), torch.arange(9), torch.full((9,), 1 / 9))
+        (out,) = soft_cross_entropy_terms(features, weight_v, weight_g, 5.0, [target], compute_dtype=dtype)
+        results.append((out, *torch.autograd.grad(out, [features, weight_v, weight_g])))
+    for exact, low in zip(*results, strict=True):
+        assert low.dtype == exact.dtype
+        torch.testing.assert_close(low, exact, atol=5e-2, rtol=5e-2)
