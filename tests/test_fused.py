@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cribo.fused import SoftTarget, chunk_rows, soft_cross_entropy_terms, teacher_targets
+from cribo.fused import SoftTarget, chunk_rows, default_chunk_bytes, soft_cross_entropy_terms, teacher_targets
 from cribo.losses import CrIBoLoss, cross_image_entries, student_terms
 
 TINY_CHUNK = 4 * 3 * 40  # 3 rows of 40 columns: forces several chunks
@@ -30,7 +30,9 @@ def _unit(rows: int, dim: int, generator: torch.Generator) -> Tensor:
 
 
 def test_chunk_rows_respects_the_byte_budget() -> None:
-    assert chunk_rows(65536) == 32 and chunk_rows(4096) == 512 and chunk_rows(10**9) == 1
+    assert chunk_rows(65536, 2**23) == 32 and chunk_rows(4096, 2**23) == 512 and chunk_rows(10**9, 2**23) == 1
+    assert default_chunk_bytes(torch.device("cpu")) == 2**23
+    assert default_chunk_bytes(torch.device("cuda")) > default_chunk_bytes(torch.device("cpu"))
 
 
 @pytest.mark.parametrize("chunk_bytes", [TINY_CHUNK, 2**20])

@@ -32,10 +32,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-CHUNK_BYTES = 8 * 2**20  # one chunk of float32 logits; small enough to be reused by malloc, large enough for GEMM
+# One chunk of float32 logits. On a CPU small enough for malloc to reuse it (no fresh mmap and page faults) and
+# large enough for an efficient GEMM; on an accelerator larger, to launch fewer kernels.
+CHUNK_BYTES = {"cpu": 8 * 2**20}
+ACCELERATOR_CHUNK_BYTES = 256 * 2**20
 
 
-def chunk_rows(num_columns: int, chunk_bytes: int = CHUNK_BYTES) -> int:
+def default_chunk_bytes(device: torch.device) -> int:
+    """Chunk size used when none is given: 8 MiB on CPU, 256 MiB on an accelerator."""
+    return CHUNK_BYTES.get(device.type, ACCELERATOR_CHUNK_BYTES)
+
+
+def chunk_rows(num_columns: int, chunk_bytes: int) -> int:
     """Rows per chunk so that one ``(rows, num_columns)`` float32 block stays within ``chunk_bytes``."""
     return max(1, chunk_bytes // (4 * max(num_columns, 1)))
 
@@ -83,7 +91,7 @@ def teacher_targets(
     *,
     compute_dtype: torch.dtype = torch.float32,
     column_sums: bool = False,
-    chunk_bytes: int = CHUNK_BYTES,
+    chunk_bytes: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Sharpened, centred teacher distribution ``softmax((h W^T - center) / temperature)``, row chunk by row chunk.
 
@@ -95,7 +103,7 @@ def teacher_targets(
         temperature: teacher temperature (> 0).
         compute_dtype: dtype of the matrix product (``bfloat16`` under mixed precision); softmax is float32.
         column_sums: also return the column sums of the raw logits ``h W^T`` (the centre's batch statistic).
-        chunk_bytes: size of one chunk of logits.
+        chunk_bytes: size of one chunk of logits (default :func:`default_chunk_bytes`).
 
     Returns:
         ``(J, C)`` float32 probabilities (a fresh buffer, meant to be handed to :func:`soft_cross_entropy_terms`)
@@ -110,7 +118,7 @@ def teacher_targets(
         factor, _ = column_scale(weight_v, weight_g)
         weight = weight_v.detach().to(compute_dtype)
         shift = center.reshape(1, -1).float()
-        step = chunk_rows(num_columns, chunk_bytes)
+        step = chunk_rows(num_columns, chunk_bytes or default_chunk_bytes(features.device))
         for start in range(0, features.shape[0], step):
             block = _logits_chunk(
                 features[start : start + step].detach(), weight, factor, out=probs[start : start + step]
@@ -283,7 +291,7 @@ def soft_cross_entropy_terms(
     targets: Sequence[SoftTarget],
     *,
     compute_dtype: torch.dtype = torch.float32,
-    chunk_bytes: int = CHUNK_BYTES,
+    chunk_bytes: int | None = None,
 ) -> Tensor:
     """Weighted soft cross-entropies through a weight-normalised linear layer, one value per target.
 
@@ -297,7 +305,7 @@ def soft_cross_entropy_terms(
         scale: inverse student temperature.
         targets: the terms; each ``probs`` buffer is overwritten with its gradient (do not reuse it).
         compute_dtype: dtype of the matrix products (``bfloat16`` under mixed precision); softmax is float32.
-        chunk_bytes: size of one chunk of logits.
+        chunk_bytes: size of one chunk of logits (default :func:`default_chunk_bytes`).
 
     Returns:
         ``(T,)`` float32, differentiable with respect to ``features``, ``weight_v`` and ``weight_g``. A target
@@ -316,6 +324,12 @@ def soft_cross_entropy_terms(
             raise ValueError(f"target rows must lie in [0, {features.shape[0]})")
     with _no_autocast(features.device):
         out: Tensor = _SoftCrossEntropyTerms.apply(
-            features, weight_v, weight_g, scale, tuple(targets), compute_dtype, chunk_bytes
+            features,
+            weight_v,
+            weight_g,
+            scale,
+            tuple(targets),
+            compute_dtype,
+            chunk_bytes or default_chunk_bytes(features.device),
         )
     return out
