@@ -12,6 +12,7 @@ q query objects, R rows (any number of feature vectors).
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import textwrap
 from collections.abc import Sequence
@@ -29,6 +30,8 @@ from cribo.augment import IMAGENET_MEAN, IMAGENET_STD, CropBox, TwoViewAugmentat
 from cribo.clustering import ClusteringResult, joint_space_clustering, pool_objects, select_valid, valid_objects
 from cribo.matching import match_objects
 from cribo.memory import ObjectMemoryBank
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -744,7 +747,7 @@ def command_curves(args: argparse.Namespace) -> int:
     path = plot_training_curves(
         load_history(Path(args.run_dir)), Path(args.output or Path(args.run_dir) / "curves.png")
     )
-    print(f"wrote {path}")
+    logger.info("wrote %s", path)
     return 0
 
 
@@ -762,7 +765,7 @@ def command_pca(args: argparse.Namespace) -> int:
     masks = None if source.masks is None else resize_masks(source.masks, size)
     images = LabelledImages(pixels, source.names, masks, source.class_names)
     path = save_figure(figure_pca(images, colours, explained, label), args.output)
-    print(f"wrote {path}")
+    logger.info("wrote %s", path)
     return 0
 
 
@@ -787,7 +790,7 @@ def command_clusters(args: argparse.Namespace) -> int:
         "same colour in both views = one object"
     )
     path = save_figure(figure_clusters(picture, title), args.output)
-    print(f"wrote {path}")
+    logger.info("wrote %s", path)
     return 0
 
 
@@ -818,7 +821,7 @@ def command_neighbours(args: argparse.Namespace) -> int:
         f"among {len(source.images) - args.num_queries} other images (K={args.n_tokens})"
     )
     path = save_figure(figure_neighbours(picture, title), args.output)
-    print(f"wrote {path}")
+    logger.info("wrote %s", path)
     return 0
 
 
@@ -900,7 +903,7 @@ def command_segmentation(args: argparse.Namespace) -> int:
         confusion = confusion_matrix(predictions, masks, bank_set.num_classes)
         title += f"\nmIoU over these {len(names)} images: {100 * segmentation_scores(confusion).miou:.1f}%"
     path = save_figure(figure_segmentation(images, predictions, title), args.output)
-    print(f"wrote {path}")
+    logger.info("wrote %s", path)
     return 0
 
 
