@@ -186,7 +186,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     try:
-        code = args.func(args)
+        result = args.func(args)
+        if isinstance(result, Path):  # commands that write one file (viz) return its path
+            print(f"wrote {result}")
+            result = 0
+        code = result
     except (ValueError, FileNotFoundError) as err:
         print(f"cribo {args.command}: error: {err}", file=sys.stderr)
         code = 2

@@ -12,7 +12,6 @@ q query objects, R rows (any number of feature vectors).
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import textwrap
 from collections.abc import Sequence
@@ -30,8 +29,6 @@ from cribo.augment import IMAGENET_MEAN, IMAGENET_STD, CropBox, TwoViewAugmentat
 from cribo.clustering import ClusteringResult, joint_space_clustering, pool_objects, select_valid, valid_objects
 from cribo.matching import match_objects
 from cribo.memory import ObjectMemoryBank
-
-logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -743,16 +740,15 @@ def _view_maps(clusters: ClusteringResult, grid: tuple[int, int]) -> Tensor:
 # Commands
 
 
-def command_curves(args: argparse.Namespace) -> int:
+def command_curves(args: argparse.Namespace) -> Path:
     path = plot_training_curves(
         load_history(Path(args.run_dir)), Path(args.output or Path(args.run_dir) / "curves.png")
     )
-    logger.info("wrote %s", path)
-    return 0
+    return path
 
 
 @torch.no_grad()
-def command_pca(args: argparse.Namespace) -> int:
+def command_pca(args: argparse.Namespace) -> Path:
     """``cribo viz pca``: PCA of each image's patch features as RGB, beside the image (and its mask)."""
     from cribo.eval.features import PatchFeatures
 
@@ -765,12 +761,11 @@ def command_pca(args: argparse.Namespace) -> int:
     masks = None if source.masks is None else resize_masks(source.masks, size)
     images = LabelledImages(pixels, source.names, masks, source.class_names)
     path = save_figure(figure_pca(images, colours, explained, label), args.output)
-    logger.info("wrote %s", path)
-    return 0
+    return path
 
 
 @torch.no_grad()
-def command_clusters(args: argparse.Namespace) -> int:
+def command_clusters(args: argparse.Namespace) -> Path:
     """``cribo viz clusters``: the joint-space clusters of two views of each image, dropped ones greyed out."""
     backbone, label, _ = load_model(args)
     source = load_images(args.images, args.num_images, args.image_size, args.seed)
@@ -790,12 +785,11 @@ def command_clusters(args: argparse.Namespace) -> int:
         "same colour in both views = one object"
     )
     path = save_figure(figure_clusters(picture, title), args.output)
-    logger.info("wrote %s", path)
-    return 0
+    return path
 
 
 @torch.no_grad()
-def command_neighbours(args: argparse.Namespace) -> int:
+def command_neighbours(args: argparse.Namespace) -> Path:
     """``cribo viz neighbours``: each query object's nearest object in the other images, with the cycle check."""
     if args.num_queries < 1 or args.max_pairs < 1:
         raise ValueError(f"--num-queries and --max-pairs must be at least 1, got {args.num_queries}, {args.max_pairs}")
@@ -821,8 +815,7 @@ def command_neighbours(args: argparse.Namespace) -> int:
         f"among {len(source.images) - args.num_queries} other images (K={args.n_tokens})"
     )
     path = save_figure(figure_neighbours(picture, title), args.output)
-    logger.info("wrote %s", path)
-    return 0
+    return path
 
 
 class _UnlabelledImages:
@@ -881,7 +874,7 @@ def segmentation_sets(args: argparse.Namespace) -> tuple[SegmentationSet, Segmen
 
 
 @torch.no_grad()
-def command_segmentation(args: argparse.Namespace) -> int:
+def command_segmentation(args: argparse.Namespace) -> Path:
     """``cribo viz segmentation``: dense NN retrieval predictions beside the images and their ground truth."""
     from cribo.eval.features import PatchFeatures
     from cribo.eval.metrics import confusion_matrix, segmentation_scores
@@ -903,8 +896,7 @@ def command_segmentation(args: argparse.Namespace) -> int:
         confusion = confusion_matrix(predictions, masks, bank_set.num_classes)
         title += f"\nmIoU over these {len(names)} images: {100 * segmentation_scores(confusion).miou:.1f}%"
     path = save_figure(figure_segmentation(images, predictions, title), args.output)
-    logger.info("wrote %s", path)
-    return 0
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------
