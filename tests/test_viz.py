@@ -178,7 +178,7 @@ def test_random_vit_tiny_spec(tmp_path: Path) -> None:
     args = build_parser().parse_args(
         ["viz", "clusters", *RANDOM_VIT, *SIZES, *KIND_FLAGS["clusters"], "--output", str(output)]
     )
-    assert args.func(args) == 0
+    assert args.func(args) == output
     assert_png(output)
 
 
