@@ -192,7 +192,7 @@ def test_commands_take_image_files(small: list[str], tmp_path: Path) -> None:
     for kind in ("clusters", "segmentation"):
         output = tmp_path / f"files_{kind}.png"
         args = parser.parse_args(["viz", kind, *small, *KIND_FLAGS[kind], "--images", *files, "--output", str(output)])
-        assert args.func(args) == 0
+        assert args.func(args) == output
         assert_png(output)
     args = parser.parse_args(["viz", "pca", *small, "--images", str(tmp_path / "missing.png")])
     with pytest.raises(ValueError, match="--images"):
