@@ -20,7 +20,7 @@ from cribo.matching import (
     nearest_neighbours,
     screening_margin,
 )
-from cribo.memory import ObjectMemoryBank
+from cribo.memory import ObjectMemoryBank, normalize_to_bfloat16
 
 SCREENINGS: list[Screening] = ["none", "bf16"]
 
@@ -73,17 +73,21 @@ def test_chunked_search_equals_dense(screening: Screening, chunk_size: int) -> N
         torch.testing.assert_close(best, expected_best, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("chunk_size", [512, 2000])
 @pytest.mark.parametrize("num_queries", [1, 40])
 @pytest.mark.parametrize("kind", ["gaussian", "uniform", "near_duplicates", "clustered", "ties"])
-def test_screened_search_equals_dense(kind: str, num_queries: int) -> None:
+def test_screened_search_equals_dense(kind: str, num_queries: int, chunk_size: int) -> None:
     queries, keys = make_data(kind, num_queries, 6000, 64, seed=1)
     key_mask = torch.ones(keys.shape[0], dtype=torch.bool)
     key_mask[1000:2500] = False  # whole chunks invalid
     key_mask[7::3] = False
     expected_best, expected_index = dense_nearest_neighbours(queries, keys, key_mask)
-    best, index = nearest_neighbours(queries, keys, key_mask, chunk_size=512, screening="bf16")
-    assert torch.equal(index, expected_index)
-    torch.testing.assert_close(best, expected_best, atol=1e-6, rtol=0)
+    for screen_keys in (None, normalize_to_bfloat16(keys)):
+        best, index = nearest_neighbours(
+            queries, keys, key_mask, chunk_size=chunk_size, screening="bf16", screen_keys=screen_keys
+        )
+        assert torch.equal(index, expected_index)
+        torch.testing.assert_close(best, expected_best, atol=1e-6, rtol=0)
 
 
 def test_auto_screening_on_a_large_bank_equals_dense() -> None:
@@ -184,6 +188,10 @@ def test_search_rejects_bad_input() -> None:
         nearest_neighbours(queries, keys, screening=cast(Screening, "fp8"))
     with pytest.raises(ValueError, match="only exact on CPU"):
         nearest_neighbours(queries.to("meta"), keys.to("meta"), screening="bf16")
+    with pytest.raises(ValueError, match=r"screen_keys must be bfloat16 with the keys' shape \(5, 4\)"):
+        nearest_neighbours(queries, keys, screen_keys=keys)
+    with pytest.raises(ValueError, match="screen_keys must be bfloat16"):
+        nearest_neighbours(queries, keys, screen_keys=keys[:4].bfloat16())
 
 
 # --------------------------------------------------------------------------- match_objects
@@ -318,3 +326,24 @@ def test_match_objects_rejects_bad_input() -> None:
         match_objects(torch.zeros(4, 2, 7), bank)
     with pytest.raises(ValueError, match="bank must have 2 views"):
         match_objects(torch.zeros(4, 2, 8), ObjectMemoryBank(3, 2, 8, num_views=3))
+
+
+def test_search_and_push_cycles_with_the_banks_screening_keys() -> None:
+    """The bank's bfloat16 unit keys, updated by push, screen as exactly as keys normalised at every call."""
+    generator = torch.Generator().manual_seed(9)
+    bank = ObjectMemoryBank(300, 8, 24, generator=generator)  # the authors' uniform start, then pushed batches
+    plain = ObjectMemoryBank(300, 8, 24)
+    plain.load_state_dict(bank.state_dict())
+    for _ in range(6):
+        counts = torch.randint(0, 9, (20,), generator=generator)
+        objects = torch.randn(int(counts.sum()), 2, 24, generator=generator)
+        screened = match_objects(objects, bank, chunk_size=1024, screening="bf16")
+        expected = match_objects(objects, plain, chunk_size=1024, screening="none")
+        assert torch.equal(screened.index, expected.index)
+        assert torch.equal(screened.cycle_mask, expected.cycle_mask)
+        assert torch.equal(screened.neighbours, expected.neighbours)
+        for each in (bank, plain):
+            each.push(objects, counts)
+    for view in range(2):
+        screen_keys = bank.screen_keys(view)
+        assert screen_keys is not None and torch.equal(screen_keys, normalize_to_bfloat16(bank.flat_view(view)[0]))

@@ -11,16 +11,21 @@ similarity matrix nor a normalised copy of the keys: it walks over chunks of key
 running max/argmax (first index wins on ties, as ``argmax``/``topk``). On CPU it screens the
 keys with a bfloat16 matrix product first and rescores the few keys that can still be the
 float32 maximum (see :func:`screening_margin`): the result is the one of the float32 search
-(same indices; similarities within float32 rounding), 2 to 2.5 times faster. The bound assumes what
-oneDNN documents for bfloat16 matmuls on CPU (float32 accumulation, one final rounding);
-``tests/test_matching.py`` checks it on the machine that runs the tests. Other devices use the
-plain float32 search.
+(same indices; similarities within float32 rounding), 2 to 2.5 times faster. The screen runs in
+two passes: pass 1 multiplies every chunk of keys with all queries and keeps only the maximum
+of each block of ``SCREEN_BLOCK`` keys (and of each group of blocks); pass 2 rescores the
+screen's best block of each query, which sets the threshold, then the blocks that reach it.
+:func:`match_objects` screens with the bank's bfloat16 unit keys
+(:meth:`ObjectMemoryBank.screen_keys`), so no step normalises or converts the whole bank. The
+bound assumes what oneDNN documents for bfloat16 matmuls on CPU (float32 accumulation, one final
+rounding); ``tests/test_matching.py`` checks it on the machine that runs the tests. Other devices
+use the plain float32 search.
 
 Ties go to the smallest flat slot index of the bank, not to the authors' newest-first queue order;
 they need two stored objects with exactly the same direction, which real features do not give.
 
 Axis letters: V views, n query objects (the current batch, all images), M keys (bank slots),
-D dim, c keys in a chunk, P candidate (query, key) pairs.
+D dim, c keys in a chunk, G groups of blocks, P candidate (block or group, query) pairs.
 """
 
 from __future__ import annotations
@@ -34,15 +39,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cribo.memory import ObjectMemoryBank
+from cribo.memory import NORMALIZE_EPS, ObjectMemoryBank, normalize_to_bfloat16
 
 __all__ = ["CrossImageMatches", "match_objects", "nearest_neighbours", "screening_margin"]
 
 Screening = Literal["auto", "bf16", "none"]
 SCREENING_CHOICES: tuple[str, ...] = get_args(Screening)
 
-# F.normalize's default eps, as in the authors' normalised matching.
-NORMALIZE_EPS = 1e-12
 # Unit roundoffs of round-to-nearest bfloat16 (8 significant bits) and float32 (24 bits).
 BF16_UNIT_ROUNDOFF = 2.0**-8
 FP32_UNIT_ROUNDOFF = 2.0**-24
@@ -51,13 +54,19 @@ FP32_UNIT_ROUNDOFF = 2.0**-24
 NORMALIZATION_SLACK = 1e-4
 # "auto" screens only when there are at least this many keys (below, the overhead dominates).
 MIN_KEYS_TO_SCREEN = 16384
-# Keys per block whose maximum is kept while screening (transposed amax over blocks is cheap).
+# Keys per block whose screened maximum is kept for the whole search (pass 1); a candidate block's keys
+# are all rescored (pass 2). The block maxima take 2 * n / SCREEN_BLOCK bytes per key.
 SCREEN_BLOCK = 16
-# Rescoring one candidate pair (two gathered rows) costs about as much as this many float32
-# GEMM entries; a chunk with more pairs than (keys * queries) / ratio is rescored by a GEMM.
+# Blocks per group: pass 2 looks for candidate blocks only in the groups whose screened maximum reaches the
+# threshold (chunks are rounded up to whole groups).
+SCREEN_GROUP = 32
+# Rescoring one key of a candidate block (a gathered row) costs about as much as this many float32
+# GEMM entries; a group with more candidate keys than (keys * queries) / ratio is rescored by a GEMM.
 RESCORE_COST_RATIO = 32
-# Candidate pairs rescored at once (the gathered keys and queries take 2 * 4 * D bytes per pair).
-RESCORE_BATCH = 8192
+# Candidate blocks rescored at once (the gathered keys take SCREEN_BLOCK * 4 * D bytes per block).
+RESCORE_BATCH = 256
+# (block, query) screened maxima compared with the threshold at once in pass 2 (bounds its temporaries).
+CANDIDATE_BATCH = 1 << 20
 
 
 @torch.no_grad()
@@ -69,11 +78,13 @@ def nearest_neighbours(
     normalize_keys: bool = True,
     *,
     screening: Screening = "auto",
+    screen_keys: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Exact cosine nearest neighbour of each query among the valid keys, chunked over keys.
 
     ``index[i] = argmax_{m valid} <q_i / |q_i|, k_m / |k_m|>`` (keys raw when ``normalize_keys`` is
-    False), computed in float32 whatever the input dtypes. Memory is ``O(n * chunk_size)``.
+    False), computed in float32 whatever the input dtypes. Memory is ``O(n * chunk_size)``, plus the
+    screen's block maxima (``2 n M / SCREEN_BLOCK`` bytes: 51 MB for 512 queries and 800 000 keys).
 
     Args:
         queries: ``(n, D)`` queries (L2-normalised inside, in float32).
@@ -85,20 +96,23 @@ def nearest_neighbours(
             (CPU only, normalised keys only; same result as the float32 search); "none" is the plain
             float32 search; "auto" screens on CPU with normalised keys and at least
             ``MIN_KEYS_TO_SCREEN`` keys.
+        screen_keys: optional ``(M, D)`` bfloat16 rounding of the float32 unit keys (``F.normalize(keys)``),
+            read by the screen instead of normalising the keys at every call (the bank keeps them:
+            :meth:`ObjectMemoryBank.screen_keys`); ignored by the float32 search.
 
     Returns:
         similarity ``(n,)`` float32 (``-inf`` when no key is valid) and index ``(n,)`` int64
         (``-1`` when no key is valid). Ties go to the smallest key index. No gradient flows.
     """
-    _check_search_inputs(queries, keys, key_mask, chunk_size, screening)
+    _check_search_inputs(queries, keys, key_mask, chunk_size, screening, screen_keys)
     unit_queries = F.normalize(queries.float(), dim=1, eps=NORMALIZE_EPS)
     if _use_screening(screening, unit_queries, keys, normalize_keys):
-        return _screened_search(unit_queries, keys, key_mask, chunk_size)
+        return _screened_search(unit_queries, keys, key_mask, chunk_size, screen_keys)
     return _float32_search(unit_queries, keys, key_mask, chunk_size, normalize_keys)
 
 
 def _check_search_inputs(
-    queries: Tensor, keys: Tensor, key_mask: Tensor | None, chunk_size: int, screening: str
+    queries: Tensor, keys: Tensor, key_mask: Tensor | None, chunk_size: int, screening: str, screen_keys: Tensor | None
 ) -> None:
     """Raise ``ValueError`` on inconsistent arguments of :func:`nearest_neighbours`."""
     if queries.ndim != 2 or keys.ndim != 2 or queries.shape[1] != keys.shape[1]:
@@ -117,15 +131,20 @@ def _check_search_inputs(
         raise ValueError(f"screening must be one of {SCREENING_CHOICES}, got {screening!r}")
     if screening == "bf16" and queries.device.type != "cpu":
         raise ValueError(f"screening='bf16' is only exact on CPU, got device {queries.device}; use 'auto' or 'none'")
+    if screen_keys is not None and (screen_keys.dtype != torch.bfloat16 or screen_keys.shape != keys.shape):
+        raise ValueError(
+            f"screen_keys must be bfloat16 with the keys' shape {tuple(keys.shape)}, "
+            f"got {screen_keys.dtype} {tuple(screen_keys.shape)}"
+        )
 
 
-def _use_screening(screening: str, unit_queries: Tensor, keys: Tensor, normalize_keys: bool) -> bool:
-    """Whether the bfloat16 screen applies (its error bound needs unit keys and a CPU GEMM)."""
-    if screening == "none" or not normalize_keys or unit_queries.shape[0] == 0:
+def _use_screening(screening: str, queries: Tensor, keys: Tensor, normalize_keys: bool = True) -> bool:
+    """Whether :func:`nearest_neighbours` screens in bfloat16 (its bound needs unit keys and a CPU GEMM)."""
+    if screening == "none" or not normalize_keys or queries.shape[0] == 0:
         return False
     if screening == "bf16":
         return True
-    return unit_queries.device.type == "cpu" and keys.shape[0] >= MIN_KEYS_TO_SCREEN
+    return queries.device.type == "cpu" and keys.shape[0] >= MIN_KEYS_TO_SCREEN
 
 
 def _key_chunks(keys: Tensor, key_mask: Tensor | None, chunk_size: int) -> Iterator[tuple[Tensor, Tensor]]:
@@ -157,7 +176,7 @@ def screening_margin(unit_queries: Tensor) -> Tensor:
 
     Any float32 evaluation ``r`` of ``<q, k>`` is within ``gamma_D N^2`` of it, so two of them differ
     by at most ``2 gamma_D N^2``. The returned ``margin = beta + 3 gamma_D N^2`` is what the screen
-    needs: see ``_Screen.threshold`` (about 0.0097 at D = 384).
+    needs: see :func:`_screening_threshold` (about 0.0097 at D = 384).
 
     Args:
         unit_queries: ``(n, D)`` float32 L2-normalised queries.
@@ -192,20 +211,19 @@ class _RunningBest:
         similarity = unit_queries.new_full((num_queries,), -math.inf)
         return cls(similarity, torch.full((num_queries,), -1, dtype=torch.int64, device=unit_queries.device))
 
-    def update(self, query: Tensor, key: Tensor, similarity: Tensor) -> None:
-        """Merge (query, key, similarity) pairs of keys after all keys seen so far.
-
-        The smallest key index wins a tie, within the pairs and against earlier chunks.
-        """
+    def merge(self, query: Tensor, key: Tensor, similarity: Tensor) -> None:
+        """Merge ``(P,)`` (query, key, similarity) triples given in any order; the smallest key index wins ties."""
         if query.numel() == 0:
             return
-        best = similarity.new_full(self.similarity.shape, -math.inf).scatter_reduce(0, query, similarity, "amax")
+        best = torch.maximum(
+            self.similarity, torch.full_like(self.similarity, -math.inf).scatter_reduce(0, query, similarity, "amax")
+        )
         is_best = similarity == best[query]
         no_key = torch.iinfo(torch.int64).max
         index = torch.full_like(self.index, no_key).scatter_reduce(0, query[is_best], key[is_best], "amin")
-        better = best > self.similarity
-        self.similarity = torch.where(better, best, self.similarity)
-        self.index = torch.where(better, index, self.index)
+        kept = torch.where(self.similarity == best, self.index, no_key)  # -1 only while the best is still -inf
+        self.similarity = best
+        self.index = torch.minimum(kept, index)
 
 
 def _float32_search(
@@ -225,117 +243,178 @@ def _float32_search(
 
 
 @dataclass
-class _Screen:
-    """Per-search constants and running state of the bfloat16 screen."""
+class _ScreenInputs:
+    """What the bfloat16 screen reads: the queries and the keys with their validity."""
 
     unit_queries: Tensor  # (n, D) float32
-    query_bf16: Tensor  # (n, D) bfloat16
-    margin: Tensor  # (n,) float32, screening_margin
-    screen_max: Tensor  # (n,) float32 largest screened score so far
-    best: _RunningBest
-    buffer: Tensor  # (chunk_size, D) bfloat16 scratch for the unit keys
-
-    def threshold(self) -> Tensor:
-        """``(n,)`` screened score a key needs to possibly be the float32 argmax.
-
-        With ``m`` the margin, ``beta`` the screen error and ``g = gamma_D N^2``: the float32 argmax
-        ``k*`` has ``s(k*) >= r(k*) - g - beta``, and ``r(k*) >= r(j)`` for every key ``j``. Taking
-        for ``j`` the best rescored key (``r(j) >= best - 2 g``) gives ``s(k*) >= best - m``; taking
-        the screen's argmax (``r(j) >= s_max - beta - g``) gives ``s(k*) >= s_max - 2 m``.
-        """
-        lower_bound = torch.maximum(self.best.similarity, self.screen_max - self.margin)
-        return lower_bound - self.margin
+    keys: Tensor  # (M, D) raw keys (rescoring reads them in float32)
+    key_mask: Tensor | None  # (M,) bool
+    screen_keys: Tensor | None  # (M, D) bfloat16 unit keys, or None to normalise chunk by chunk
 
 
-def _screen_chunk(screen: _Screen, chunk: Tensor, chunk_index: Tensor) -> None:
-    """Screen one chunk in bfloat16, then rescore its candidates in float32 while it is in cache."""
-    num_keys, num_queries = chunk.shape[0], screen.unit_queries.shape[0]
-    norm = chunk.norm(2, 1, keepdim=True).clamp_min_(NORMALIZE_EPS)  # (c, 1), exactly as F.normalize
-    chunk_bf16 = torch.div(chunk, norm, out=screen.buffer[:num_keys])  # rounded once to bfloat16
-    scores = chunk_bf16 @ screen.query_bf16.T  # (c, n) bfloat16, float32 accumulation
-    full = num_keys - num_keys % SCREEN_BLOCK
-    block_max = scores[:full].view(-1, SCREEN_BLOCK, num_queries).amax(1)  # (c / block, n)
-    if full < num_keys:
-        block_max = torch.cat([block_max, scores[full:].amax(0, keepdim=True)])
-    chunk_max = block_max.amax(0).float()  # (n,)
-    torch.maximum(screen.screen_max, chunk_max, out=screen.screen_max)
-    _rescore_chunk_tops(screen, chunk, norm, chunk_index, scores, block_max, chunk_max)
-    threshold = screen.threshold()
-    block, query = (block_max >= threshold).nonzero(as_tuple=True)  # (P,) block-major
-    rows = _block_rows(block, num_keys)  # (P, block)
-    pair, offset = (scores[rows, query[:, None]].float() >= threshold[query][:, None]).nonzero(as_tuple=True)
-    query, row = query[pair], rows[pair, offset]
-    if query.numel() * RESCORE_COST_RATIO > num_keys * num_queries:
-        _rescore_chunk_dense(screen, chunk, norm, chunk_index, torch.unique(query))
-    else:
-        _rescore_pairs(screen, chunk, norm, chunk_index, query, row)
+@dataclass
+class _ScreenScores:
+    """Maxima of the screened scores per block of ``SCREEN_BLOCK`` keys and per group of ``SCREEN_GROUP`` blocks.
 
-
-def _rescore_chunk_tops(
-    screen: _Screen,
-    chunk: Tensor,
-    norm: Tensor,
-    chunk_index: Tensor,
-    scores: Tensor,
-    block_max: Tensor,
-    chunk_max: Tensor,
-) -> None:
-    """Rescore the chunk's screened best key of the queries whose lower bound it may raise.
-
-    Where ``chunk_max - margin`` exceeds the best rescored similarity, the threshold would rest on
-    the screen's bound; the top key's float32 similarity is usually close to ``chunk_max`` (the screen's
-    errors are far below the margin), so rescoring it first about halves the band of candidates.
+    Keys past ``M`` (padding up to a whole group) and invalid keys count as ``-inf``.
     """
-    query = (chunk_max - screen.margin > screen.best.similarity).nonzero().squeeze(1)  # (q,)
-    if query.numel() == 0:
-        return
-    top_rows = _block_rows(block_max[:, query].argmax(0), chunk.shape[0])  # (q, block)
-    top_row = top_rows.gather(1, scores[top_rows, query[:, None]].argmax(1, keepdim=True)).squeeze(1)
-    _rescore_pairs(screen, chunk, norm, chunk_index, query, top_row)
+
+    block_max: Tensor  # (G * group, n) bfloat16
+    group_max: Tensor  # (G, n) bfloat16
 
 
-def _block_rows(block: Tensor, num_keys: int) -> Tensor:
-    """``(P, SCREEN_BLOCK)`` rows of the given blocks; rows past the chunk repeat its last row."""
-    rows = block[:, None] * SCREEN_BLOCK + torch.arange(SCREEN_BLOCK, device=block.device)
-    return rows.clamp_max(num_keys - 1)
+def _screen_scores(inputs: _ScreenInputs, chunk_size: int) -> _ScreenScores:
+    """bfloat16 products of all keys with all queries, reduced to block and group maxima (pass 1).
 
-
-def _rescore_pairs(
-    screen: _Screen, chunk: Tensor, norm: Tensor, chunk_index: Tensor, query: Tensor, row: Tensor
-) -> None:
-    """Float32 similarities of (query, chunk row) pairs, merged into the running best.
-
-    Pairs go by batches of ``RESCORE_BATCH`` so that the gathered keys stay small.
+    Only ``(c, n)`` scores exist at a time (``c = chunk_size``, a multiple of the group's keys); chunks
+    with no valid key are skipped.
     """
-    similarity = torch.empty_like(query, dtype=torch.float32)
-    for start in range(0, query.numel(), RESCORE_BATCH):
-        batch = slice(start, start + RESCORE_BATCH)
-        unit_keys = chunk[row[batch]] / norm[row[batch]]  # the float32 unit keys of F.normalize, bit for bit
-        similarity[batch] = (unit_keys * screen.unit_queries[query[batch]]).sum(1)
-    screen.best.update(query, chunk_index[row], similarity)
-
-
-def _rescore_chunk_dense(screen: _Screen, chunk: Tensor, norm: Tensor, chunk_index: Tensor, queries: Tensor) -> None:
-    """Float32 similarities of a whole chunk for some queries (when most pairs are candidates)."""
-    similarity, argmax = (screen.unit_queries[queries] @ (chunk / norm).T).max(dim=1)
-    screen.best.update(queries, chunk_index[argmax], similarity)
+    keys, num_queries = inputs.keys, inputs.unit_queries.shape[0]
+    num_keys, group_keys = keys.shape[0], SCREEN_BLOCK * SCREEN_GROUP
+    query_bf16 = inputs.unit_queries.bfloat16().T  # (D, n)
+    num_groups = -(-num_keys // group_keys)
+    block_max = query_bf16.new_empty((num_groups * SCREEN_GROUP, num_queries))
+    group_max = query_bf16.new_empty((num_groups, num_queries))
+    scores = query_bf16.new_empty((min(chunk_size, num_groups * group_keys), num_queries))
+    buffer_rows = scores.shape[0] if inputs.screen_keys is None else 0  # normalised chunks go there
+    unit_buffer = query_bf16.new_empty((buffer_rows, keys.shape[1]))
+    starts = list(range(0, num_keys, chunk_size))
+    invalid, bounds = _invalid_keys_per_chunk(keys, inputs.key_mask, starts)
+    for chunk, start in enumerate(starts):
+        stop = min(start + chunk_size, num_keys)
+        padded = -(-(stop - start) // group_keys) * group_keys
+        blocks = block_max[start // SCREEN_BLOCK : (start + padded) // SCREEN_BLOCK]
+        groups = group_max[start // group_keys : (start + padded) // group_keys]
+        chunk_invalid = invalid[bounds[chunk] : bounds[chunk + 1]]
+        if chunk_invalid.numel() == stop - start:
+            blocks.fill_(-math.inf)
+            groups.fill_(-math.inf)
+            continue
+        if inputs.screen_keys is not None:
+            unit_keys = inputs.screen_keys[start:stop]
+        else:
+            unit_keys = normalize_to_bfloat16(keys[start:stop], out=unit_buffer[: stop - start])
+        chunk_scores = torch.mm(unit_keys, query_bf16, out=scores[: stop - start])  # (c, n), float32 accumulation
+        if chunk_invalid.numel():
+            chunk_scores.index_fill_(0, chunk_invalid - start, -math.inf)
+        scores[stop - start : padded].fill_(-math.inf)
+        torch.amax(scores[:padded].view(-1, SCREEN_BLOCK, num_queries), 1, out=blocks)
+        torch.amax(blocks.view(-1, SCREEN_GROUP, num_queries), 1, out=groups)
+    return _ScreenScores(block_max, group_max)
 
 
 def _screened_search(
-    unit_queries: Tensor, keys: Tensor, key_mask: Tensor | None, chunk_size: int
+    unit_queries: Tensor, keys: Tensor, key_mask: Tensor | None, chunk_size: int, screen_keys: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    """bfloat16 screen of every chunk with float32 rescoring of the candidates (exact result)."""
-    screen = _Screen(
-        unit_queries=unit_queries,
-        query_bf16=unit_queries.bfloat16(),
-        margin=screening_margin(unit_queries),
-        screen_max=unit_queries.new_full((unit_queries.shape[0],), -math.inf),
-        best=_RunningBest.empty(unit_queries),
-        buffer=unit_queries.new_empty((min(chunk_size, keys.shape[0]), keys.shape[1]), dtype=torch.bfloat16),
-    )
-    for chunk, chunk_index in _key_chunks(keys, key_mask, chunk_size):
-        _screen_chunk(screen, chunk, chunk_index)
-    return screen.best.similarity, screen.best.index
+    """bfloat16 screen of all keys, then float32 rescoring of the keys that can be the maximum (exact result).
+
+    Pass 1 keeps the screened maximum of every block of ``SCREEN_BLOCK`` keys. Pass 2 rescores the
+    screen's best block of each query, which gives the threshold of :func:`_screening_threshold`, then
+    every block whose screened maximum reaches it (found through the group maxima).
+    """
+    best = _RunningBest.empty(unit_queries)
+    if keys.shape[0] == 0 or (key_mask is not None and not bool(key_mask.any())):
+        return best.similarity, best.index
+    group_keys = SCREEN_BLOCK * SCREEN_GROUP
+    inputs = _ScreenInputs(unit_queries, keys, key_mask, screen_keys)
+    screened = _screen_scores(inputs, -(-chunk_size // group_keys) * group_keys)
+    screen_max, top_group = screened.group_max.max(dim=0)  # (n,)
+    all_queries = torch.arange(unit_queries.shape[0], device=unit_queries.device)
+    _rescore_blocks(inputs, best, _top_blocks(screened, top_group), all_queries)
+    threshold = _screening_threshold(best.similarity, screen_max.float(), screening_margin(unit_queries))
+    group, query = (screened.group_max.float() >= threshold).nonzero(as_tuple=True)  # (Pg,) group-major
+    step = max(1, CANDIDATE_BATCH // SCREEN_GROUP)
+    for start in range(0, group.numel(), step):
+        batch = slice(start, start + step)
+        _rescore_candidate_groups(inputs, screened, best, threshold, group[batch], query[batch])
+    return best.similarity, best.index
+
+
+def _screening_threshold(best: Tensor, screen_max: Tensor, margin: Tensor) -> Tensor:
+    """``(n,)`` screened score a key needs to possibly be the float32 argmax.
+
+    With ``m`` the margin, ``beta`` the screen error and ``g = gamma_D N^2`` (see :func:`screening_margin`):
+    the float32 argmax ``k*`` has ``s(k*) >= r(k*) - g - beta``, and ``r(k*) >= r(j)`` for every key ``j``.
+    Taking for ``j`` the best rescored key (``r(j) >= best - 2 g``) gives ``s(k*) >= best - m``; taking the
+    screen's argmax (``r(j) >= s_max - beta - g``) gives ``s(k*) >= s_max - 2 m``.
+    """
+    return torch.maximum(best, screen_max - margin) - margin
+
+
+def _group_blocks(group: Tensor) -> Tensor:
+    """``(P, SCREEN_GROUP)`` blocks of the given groups."""
+    return group[:, None] * SCREEN_GROUP + torch.arange(SCREEN_GROUP, device=group.device)
+
+
+def _top_blocks(screened: _ScreenScores, top_group: Tensor) -> Tensor:
+    """``(n,)`` block holding each query's largest screened score, within its top group."""
+    rows = _group_blocks(top_group)  # (n, group)
+    values = screened.block_max[rows, torch.arange(rows.shape[0], device=rows.device)[:, None]]
+    return rows.gather(1, values.argmax(1, keepdim=True)).squeeze(1)
+
+
+def _rescore_candidate_groups(
+    inputs: _ScreenInputs, screened: _ScreenScores, best: _RunningBest, threshold: Tensor, group: Tensor, query: Tensor
+) -> None:
+    """Rescore the blocks of some (group, query) pairs whose screened maximum reaches the threshold.
+
+    A group with so many candidate blocks that rescoring them one by one would cost more than a float32
+    product of the whole group with its queries is rescored by that product.
+    """
+    rows = _group_blocks(group)  # (Pg, group)
+    pair, offset = (screened.block_max[rows, query[:, None]].float() >= threshold[query][:, None]).nonzero(
+        as_tuple=True
+    )  # (P,)
+    block, block_query, block_group = rows[pair, offset], query[pair], group[pair]
+    groups, queries_per_group = torch.unique_consecutive(group, return_counts=True)
+    blocks_per_group = torch.bincount(block_group - groups[0], minlength=int(groups[-1] - groups[0]) + 1)
+    group_keys = SCREEN_BLOCK * SCREEN_GROUP
+    dense = blocks_per_group[groups - groups[0]] * SCREEN_BLOCK * RESCORE_COST_RATIO > queries_per_group * group_keys
+    if bool(dense.any()):
+        for dense_group in groups[dense].tolist():
+            _rescore_keys_dense(inputs, best, dense_group * group_keys, query[group == dense_group])
+        light = ~torch.isin(block_group, groups[dense])
+        block, block_query = block[light], block_query[light]
+    _rescore_blocks(inputs, best, block, block_query)
+
+
+def _rescore_blocks(inputs: _ScreenInputs, best: _RunningBest, block: Tensor, query: Tensor) -> None:
+    """Float32 similarities of each query with the keys of its block, merged into the running best.
+
+    Blocks go by batches of ``RESCORE_BATCH`` so that the gathered keys stay small (and in cache).
+    """
+    keys, key_mask, num_keys = inputs.keys, inputs.key_mask, inputs.keys.shape[0]
+    offsets = torch.arange(SCREEN_BLOCK, device=block.device)
+    for start in range(0, block.numel(), RESCORE_BATCH):
+        batch = slice(start, start + RESCORE_BATCH)
+        rows = (block[batch, None] * SCREEN_BLOCK + offsets).clamp_max(num_keys - 1)  # (p, block)
+        raw = keys.index_select(0, rows.flatten()).view(*rows.shape, -1).float()  # (p, block, D)
+        unit_keys = raw.div_(raw.norm(2, -1, keepdim=True).clamp_min_(NORMALIZE_EPS))  # as F.normalize, bit for bit
+        similarity = torch.bmm(unit_keys, inputs.unit_queries[query[batch], :, None]).squeeze(2)  # (p, block)
+        if key_mask is not None:
+            similarity.masked_fill_(~key_mask[rows], -math.inf)
+        block_best, offset = similarity.max(dim=1)  # first (smallest) row on ties
+        best.merge(query[batch], rows.gather(1, offset[:, None]).squeeze(1), block_best)
+
+
+def _rescore_keys_dense(inputs: _ScreenInputs, best: _RunningBest, start: int, query: Tensor) -> None:
+    """Float32 similarities of one group's keys for some queries (when most of its blocks are candidates)."""
+    stop = min(start + SCREEN_BLOCK * SCREEN_GROUP, inputs.keys.shape[0])
+    unit_keys = F.normalize(inputs.keys[start:stop].float(), dim=1, eps=NORMALIZE_EPS)
+    similarity = inputs.unit_queries[query] @ unit_keys.T  # (q, group keys)
+    if inputs.key_mask is not None:
+        similarity.masked_fill_(~inputs.key_mask[start:stop], -math.inf)
+    group_best, argmax = similarity.max(dim=1)  # first (smallest) key on ties
+    best.merge(query, start + argmax, group_best)
+
+
+def _invalid_keys_per_chunk(keys: Tensor, key_mask: Tensor | None, starts: list[int]) -> tuple[Tensor, list[int]]:
+    """Sorted ``(I,)`` indices of the invalid keys and, per chunk, the bounds of its slice of them."""
+    if key_mask is None:
+        return torch.empty(0, dtype=torch.int64, device=keys.device), [0] * (len(starts) + 1)
+    invalid = (~key_mask).nonzero().squeeze(1)
+    edges = torch.tensor([*starts, keys.shape[0]], dtype=torch.int64, device=invalid.device)
+    return invalid, torch.searchsorted(invalid, edges).tolist()
 
 
 @dataclass
@@ -385,7 +464,10 @@ def match_objects(
     for view in range(2):
         other = 1 - view
         keys, valid = bank.flat_view(view)
-        _, index = nearest_neighbours(objects[:, view], keys, valid, chunk_size, screening=screening)
+        screen_keys = bank.screen_keys(view) if _use_screening(screening, objects, keys) else None
+        _, index = nearest_neighbours(
+            objects[:, view], keys, valid, chunk_size, screening=screening, screen_keys=screen_keys
+        )
         found = index >= 0
         safe_index = index.clamp_min(0)
         neighbours.append(torch.where(found[:, None], bank.lookup(view, safe_index), 0.0))
