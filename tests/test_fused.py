@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cribo.fused import SoftTarget, chunk_rows, default_chunk_bytes, soft_cross_entropy_terms, teacher_targets
+from cribo.fused import SoftTarget, column_blocks, default_block_bytes, soft_cross_entropy_terms, teacher_targets
 from cribo.losses import CrIBoLoss, cross_image_entries, student_terms
 
-TINY_CHUNK = 4 * 3 * 40  # 3 rows of 40 columns: forces several chunks
+TINY_BLOCK = 4 * 10 * 16  # 16 columns of 10 rows: forces several column blocks
 
 
 def _layer(columns: int, dim: int, generator: torch.Generator, gain: bool = True) -> tuple[Tensor, Tensor]:
@@ -29,19 +30,22 @@ def _unit(rows: int, dim: int, generator: torch.Generator) -> Tensor:
     return F.normalize(torch.randn(rows, dim, generator=generator), dim=-1)
 
 
-def test_chunk_rows_respects_the_byte_budget() -> None:
-    assert chunk_rows(65536, 2**23) == 32 and chunk_rows(4096, 2**23) == 512 and chunk_rows(10**9, 2**23) == 1
-    assert default_chunk_bytes(torch.device("cpu")) == 2**23
-    assert default_chunk_bytes(torch.device("cuda")) > default_chunk_bytes(torch.device("cpu"))
+def test_column_blocks_cover_the_columns_within_the_byte_budget() -> None:
+    blocks = list(column_blocks(470, 65536, 2**21))
+    assert blocks[0] == slice(0, 1115) and blocks[-1].stop == 65536
+    assert all(a.stop == b.start for a, b in itertools.pairwise(blocks))
+    assert [b.stop - b.start for b in column_blocks(10**6, 40, 2**21)] == [16, 16, 8]  # never below 16 columns
+    assert default_block_bytes(torch.device("cpu")) == 2**21
+    assert default_block_bytes(torch.device("cuda")) > default_block_bytes(torch.device("cpu"))
 
 
-@pytest.mark.parametrize("chunk_bytes", [TINY_CHUNK, 2**20])
-def test_teacher_targets_match_softmax_of_centred_logits(chunk_bytes: int) -> None:
+@pytest.mark.parametrize("block_bytes", [TINY_BLOCK, 2**20])
+def test_teacher_targets_match_softmax_of_centred_logits(block_bytes: int) -> None:
     gen = torch.Generator().manual_seed(0)
     features = _unit(11, 8, gen)
     weight_v, weight_g = _layer(40, 8, gen)
     center = torch.randn(1, 40, generator=gen)
-    probs, sums = teacher_targets(features, weight_v, weight_g, center, 0.04, column_sums=True, chunk_bytes=chunk_bytes)
+    probs, sums = teacher_targets(features, weight_v, weight_g, center, 0.04, column_sums=True, block_bytes=block_bytes)
     logits = _logits(features, weight_v, weight_g).detach()
     torch.testing.assert_close(probs, F.softmax((logits - center) / 0.04, dim=-1), atol=1e-6, rtol=1e-5)
     assert sums is not None
@@ -62,8 +66,8 @@ def test_teacher_targets_in_bfloat16_stay_close() -> None:
 
 
 @pytest.mark.parametrize("gain", [True, False])
-@pytest.mark.parametrize("chunk_bytes", [TINY_CHUNK, 2**20])
-def test_soft_cross_entropy_terms_values_and_gradients(gain: bool, chunk_bytes: int) -> None:
+@pytest.mark.parametrize("block_bytes", [TINY_BLOCK, 2**20])
+def test_soft_cross_entropy_terms_values_and_gradients(gain: bool, block_bytes: int) -> None:
     gen = torch.Generator().manual_seed(2)
     features = _unit(10, 8, gen).requires_grad_()
     weight_v, weight_g = _layer(40, 8, gen, gain=gain)
@@ -72,7 +76,7 @@ def test_soft_cross_entropy_terms_values_and_gradients(gain: bool, chunk_bytes: 
     rows2 = torch.tensor([0, 3, 4, 9])
     w1, w2 = torch.full((10,), 0.1), torch.rand(4, generator=gen)
     targets = [SoftTarget(first.clone(), torch.arange(10), w1), SoftTarget(second.clone(), rows2, w2)]
-    out = soft_cross_entropy_terms(features, weight_v, weight_g, 7.0, targets, chunk_bytes=chunk_bytes)
+    out = soft_cross_entropy_terms(features, weight_v, weight_g, 7.0, targets, block_bytes=block_bytes)
 
     log_probs = F.log_softmax(7.0 * _logits(features, weight_v, weight_g), dim=-1)
     reference = torch.stack(

@@ -168,7 +168,7 @@ def flip_views(rows: Tensor) -> Tensor:
 
 @dataclass
 class StepTargets:
-    """The teacher's targets of one step for :func:`student_terms` (each buffer is consumed by it).
+    """The teacher's targets of one step for :func:`student_terms`.
 
     ``global_`` and ``objects`` hold one entry per student row (the other view's teacher distribution, weight
     ``1 / (2R)``); ``neighbours`` one entry per cycle-consistent retrieval (none when the term is off).
@@ -205,7 +205,7 @@ def student_terms(
         object_features: ``(V*n, d)`` student object bottleneck features, view-major.
         last_layer: ``(weight_v, weight_g)`` of the student's global last layer.
         last_layer_c: ``(weight_v, weight_g)`` of its object last layer.
-        targets: from :meth:`CrIBoLoss.targets`; consumed.
+        targets: from :meth:`CrIBoLoss.targets`.
         student_temp: student temperature of the [CLS] term.
         student_temp_c: student temperature of the object terms.
         compute_dtype: dtype of the last layers' matrix products.

@@ -470,7 +470,7 @@ def step_values(trainer: Trainer) -> StepValues:
 class TeacherOutput:
     """What the teacher side of a step produces (no gradient)."""
 
-    targets: StepTargets  # the three terms' targets (consumed by the student side)
+    targets: StepTargets  # the three terms' targets
     assignment: Tensor  # (B,T,K)
     valid: Tensor  # (B,K)
     objects: Tensor  # (n,V,D) raw teacher objects, pushed to the bank
