@@ -238,3 +238,24 @@ def test_soft_cross_entropy_terms_in_bfloat16_stay_close() -> None:
     for exact, low in zip(*results, strict=True):
         assert low.dtype == exact.dtype
         torch.testing.assert_close(low, exact, atol=5e-2, rtol=5e-2)
+
+
+def test_targets_reuse_one_workspace_between_steps() -> None:
+    gen = torch.Generator().manual_seed(9)
+    layer = tuple(t.detach() for t in _layer(10, 8, gen))
+    criterion = CrIBoLoss(10, 10)
+    mask = torch.tensor([[True, False, True], [False, False, True]])
+    inputs = _step_inputs(10, 3, mask)
+    order, _, _ = cross_image_entries(mask, "per_view")
+    neighbours = inputs["neighbours"].flatten(0, 1)[order]
+    args = (inputs["teacher_global"], inputs["teacher_objects"], neighbours, mask, layer, layer, 0.04, 0.04)
+    first = criterion.targets(*args)  # type: ignore[arg-type]
+    expected = first.objects.probs.clone()
+    storage = first.objects.probs.untyped_storage().data_ptr()
+    second = criterion.targets(*args)  # type: ignore[arg-type]
+    assert second.objects.probs.untyped_storage().data_ptr() == storage  # same memory, no new allocation
+    assert "_workspace" not in criterion.state_dict()
+    center_moved = not torch.equal(expected, second.objects.probs)  # the centre moved between the calls
+    assert center_moved and torch.allclose(second.objects.probs.sum(-1), torch.ones(6))
+    with pytest.raises(ValueError, match="contiguous float32"):
+        teacher_targets(inputs["teacher_global"], *layer, torch.zeros(1, 10), 0.1, out=torch.empty(5, 10))  # type: ignore[misc]

@@ -97,6 +97,7 @@ def teacher_targets(
     compute_dtype: torch.dtype = torch.float32,
     column_sums: bool = False,
     block_bytes: int | None = None,
+    out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Sharpened, centred teacher distribution ``softmax((h W^T - center) / temperature)`` without logits.
 
@@ -109,15 +110,20 @@ def teacher_targets(
         compute_dtype: dtype of the matrix product (``bfloat16`` under mixed precision); softmax is float32.
         column_sums: also return the column sums of the raw logits ``h W^T`` (the centre's batch statistic).
         block_bytes: size of one block of logits (default :func:`default_block_bytes`).
+        out: optional contiguous ``(J, C)`` float32 buffer to write the probabilities into.
 
     Returns:
-        ``(J, C)`` float32 probabilities and ``(C,)`` column sums or ``None``.
+        ``(J, C)`` float32 probabilities (``out`` when given) and ``(C,)`` column sums or ``None``.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     num_rows, num_columns = features.shape[0], weight_v.shape[0]
     device = features.device
-    probs = torch.empty(num_rows, num_columns, device=device, dtype=torch.float32)
+    if out is not None and (
+        out.shape != (num_rows, num_columns) or out.dtype != torch.float32 or not out.is_contiguous()
+    ):
+        raise ValueError(f"out must be a contiguous float32 ({num_rows}, {num_columns}) tensor, got {tuple(out.shape)}")
+    probs = out if out is not None else torch.empty(num_rows, num_columns, device=device, dtype=torch.float32)
     sums = torch.zeros(num_columns, device=device, dtype=torch.float32) if column_sums else None
     block_bytes = block_bytes or default_block_bytes(device)
     with _no_autocast(device):

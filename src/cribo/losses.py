@@ -243,6 +243,7 @@ class Center(nn.Module):
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must lie in [0, 1], got {momentum}")
         self.momentum = momentum
+        self.dim = dim
         self.register_buffer("center", torch.zeros(1, dim))
 
     @torch.no_grad()
@@ -310,6 +311,7 @@ class CrIBoLoss(nn.Module):
         self.cross_image_normalization: CrossImageNormalization = cross_image_normalization
         self.center = Center(out_dim, center_momentum)
         self.center_c = Center(out_dim_c, center_momentum_c)
+        self._workspace: Tensor | None = None  # target buffers reused between steps (see _target_buffers)
 
     def forward(
         self,
@@ -388,7 +390,8 @@ class CrIBoLoss(nn.Module):
         """The teacher's side of the three terms from its bottleneck features, then the centre updates.
 
         Same targets and centre updates as :meth:`forward` (tested), computed by :func:`cribo.fused.teacher_targets`
-        without forming the teacher's logits.
+        without forming the teacher's logits. The targets live in a workspace that the next call overwrites: use
+        them (the student's forward and backward) before calling again.
 
         Args:
             global_features: ``(V*B, d)`` teacher [CLS] bottleneck features, view-major.
@@ -402,6 +405,14 @@ class CrIBoLoss(nn.Module):
             teacher_temp_c: teacher temperature of the object terms.
             compute_dtype: dtype of the matrix products.
         """
+        buffers = self._target_buffers(
+            [
+                (global_features.shape[0], self.center.dim),
+                (object_features.shape[0], self.center_c.dim),
+                (neighbour_features.shape[0], self.center_c.dim),
+            ],
+            global_features.device,
+        )
         global_probs, global_sum = teacher_targets(
             flip_views(global_features),
             *last_layer,
@@ -409,6 +420,7 @@ class CrIBoLoss(nn.Module):
             teacher_temp,
             compute_dtype=compute_dtype,
             column_sums=True,
+            out=buffers[0],
         )
         object_probs, object_sum = teacher_targets(
             flip_views(object_features),
@@ -417,9 +429,15 @@ class CrIBoLoss(nn.Module):
             teacher_temp_c,
             compute_dtype=compute_dtype,
             column_sums=True,
+            out=buffers[1],
         )
         neighbour_probs, _ = teacher_targets(
-            neighbour_features, *last_layer_c, self.center_c.center, teacher_temp_c, compute_dtype=compute_dtype
+            neighbour_features,
+            *last_layer_c,
+            self.center_c.center,
+            teacher_temp_c,
+            compute_dtype=compute_dtype,
+            out=buffers[2],
         )
         _, rows, weights = cross_image_entries(cycle_mask, self.cross_image_normalization)
         if rows.shape[0] != neighbour_features.shape[0]:
@@ -438,6 +456,23 @@ class CrIBoLoss(nn.Module):
             objects=cross_view_target(object_probs),
             neighbours=SoftTarget(neighbour_probs, rows, weights.to(neighbour_probs.device)),
         )
+
+    def _target_buffers(self, shapes: list[tuple[int, int]], device: torch.device) -> list[Tensor]:
+        """Views of one workspace kept between steps for the targets of :meth:`targets`.
+
+        The targets are over 100 MB a step at the paper's sizes; reusing one allocation spares the CPU a fresh
+        ``mmap`` and its page faults at every step. The workspace grows (with 25 % headroom) when a step has more
+        objects than any before, and is not part of the state dict.
+        """
+        sizes = [rows * columns for rows, columns in shapes]
+        workspace = self._workspace
+        if workspace is None or workspace.numel() < sum(sizes) or workspace.device != device:
+            self._workspace = workspace = torch.empty(int(sum(sizes) * 1.25) + 1, device=device)
+        views, offset = [], 0
+        for (rows, columns), size in zip(shapes, sizes, strict=True):
+            views.append(workspace[offset : offset + size].view(rows, columns))
+            offset += size
+        return views
 
     def _check_inputs(
         self,
