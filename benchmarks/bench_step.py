@@ -143,7 +143,9 @@ PHASE_NOTES: dict[str, str] = {
 # ------------------------------------------------------------------------------------------------ building
 
 
-def train_config(setting: StepSetting, device: str, threads: int, dino: bool = False) -> Any:
+def train_config(
+    setting: StepSetting, device: str, threads: int, dino: bool = False, keep_freed_memory: bool = True
+) -> Any:
     """The TrainConfig of a setting; ``dino`` strips the object head, the clustering and the bank to size one."""
     from cribo import config as config_lib
 
@@ -161,6 +163,7 @@ def train_config(setting: StepSetting, device: str, threads: int, dino: bool = F
         "device": device,
         "precision": setting.precision,
         "threads": threads,
+        "keep_freed_memory": keep_freed_memory,
         "num_workers": 0,
         "scenes_num_images": setting.batch * 4,  # the data source is built but never read
         "output_dir": str(Path(tempfile.gettempdir()) / "cribo-bench-unused"),
@@ -168,11 +171,13 @@ def train_config(setting: StepSetting, device: str, threads: int, dino: bool = F
     return config_lib.resolve(overrides=overrides)
 
 
-def build_step_trainer(setting: StepSetting, device: str, threads: int, dino: bool = False) -> Any:
+def build_step_trainer(
+    setting: StepSetting, device: str, threads: int, dino: bool = False, keep_freed_memory: bool = True
+) -> Any:
     """A Trainer (``cribo.train.build_trainer``) placed at the first step of epoch 1 (cross-image term on)."""
     from cribo.train import build_trainer
 
-    trainer = build_trainer(train_config(setting, device, threads, dino=dino))
+    trainer = build_trainer(train_config(setting, device, threads, dino=dino, keep_freed_memory=keep_freed_memory))
     trainer.epoch = 1
     trainer.step = trainer.iters_per_epoch
     return trainer
@@ -396,7 +401,7 @@ def dino_step(trainer: Any, batch: Any, clock: common.PhaseClock | None = None) 
 def measure(job: dict[str, Any]) -> dict[str, Any]:
     """One configuration in this process: build, warm up, time the plain step, then the instrumented one."""
     common.set_threads(job["threads"])
-    malloc_kept = common.keep_freed_memory() if job.get("malloc_keep") else False
+    glibc_default = bool(job.get("glibc_default"))
     import torch
 
     from cribo.train import train_step
@@ -406,7 +411,9 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     rss_start = common.rss_mib()
     with common.PeakRise() as whole:
         started = time.perf_counter()
-        trainer = build_step_trainer(setting, job["device"], job["threads"], dino=dino)
+        trainer = build_step_trainer(
+            setting, job["device"], job["threads"], dino=dino, keep_freed_memory=not glibc_default
+        )
         build_s = time.perf_counter() - started
         rss_built = common.rss_mib()
         batch = random_batch(setting, seed=0)
@@ -439,7 +446,7 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
         "user_s": cpu.user_s / job["repeat"],
         "system_s": cpu.system_s / job["repeat"],
         "minor_faults": cpu.minor_faults / job["repeat"],
-        "malloc_kept": malloc_kept,
+        "glibc_default": glibc_default,
     }
     if trainer.device.type == "cuda":
         result["peak_device_mib"] = torch.cuda.max_memory_allocated(trainer.device) / common.MIB
@@ -680,7 +687,7 @@ def report(args: Any, runs: dict[str, dict[str, dict[str, Any]]], argv: Sequence
 
 
 def malloc_section(cribo: dict[str, dict[str, Any]], kept: dict[str, dict[str, Any]]) -> list[str]:
-    """CPU time split (user / system), page faults, and the same step with glibc keeping freed memory."""
+    """CPU time split (user / system), page faults, and the same step with glibc's default allocator settings."""
     rows = []
     for name, res in cribo.items():
         row = [
@@ -707,19 +714,22 @@ def malloc_section(cribo: dict[str, dict[str, Any]], kept: dict[str, dict[str, A
         "s / step",
         "CPU user / system s per step",
         "minor page faults per step",
-        "s / step, malloc keeps memory",
+        "s / step, glibc defaults",
         "CPU user / system s",
         "page faults",
         "speed-up vs authors",
-        "peak RSS MiB default / kept",
+        "peak RSS MiB ours / glibc defaults",
     ]
     return [
         "### Diagnostic: kernel time from page faults",
         "The step's CPU time split into user and system (kernel) time, with the minor page faults per step. "
         "glibc serves every allocation above 32 MiB (a (2n, 65 536) float32 tensor is ~125 MB at A) with a fresh "
-        "`mmap` and unmaps it when freed, so each large temporary is page-faulted in again. The right-hand "
-        "columns are the same step in a worker that first calls `mallopt(M_MMAP_THRESHOLD / M_TRIM_THRESHOLD, "
-        "2 GiB)` (`common.keep_freed_memory`): *not the library's default*, shown to size the effect.",
+        "`mmap` and unmaps it when freed, so each large temporary is page-faulted in again. The step avoids "
+        "such temporaries (fused head losses in small column blocks, targets in a workspace kept between steps, "
+        "the fused AdamW kernel), and on CPU `build_trainer` asks glibc to keep freed memory for reuse "
+        "(`mallopt(M_MMAP_THRESHOLD / M_TRIM_THRESHOLD, 2 GiB)`, `cribo.train.keep_freed_memory`, on by default, "
+        "`--keep_freed_memory false` turns it off). The right-hand columns are the same step with it off "
+        "(glibc's defaults), to size what it buys and what it costs in memory.",
         common.markdown_table(headers, rows),
     ]
 
@@ -795,7 +805,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         base = {"setting": dataclasses.asdict(pool[name]), "device": args.device, "threads": args.threads}
         base |= {"warmup": args.warmup, "repeat": args.repeat}
         for kind in kinds:
-            job = {**base, "kind": kind.split("_")[0], "malloc_keep": kind.endswith("malloc")}
+            job = {**base, "kind": kind.split("_")[0], "glibc_default": kind.endswith("malloc")}
             res = runs[kind][name] = run_job(job, args.in_process)
             args.loads.append(common.load_1min())
             print(

@@ -84,10 +84,31 @@ def machine_info(threads: int, device: str = "cpu") -> dict[str, Any]:
         "device": device,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "load_average": [round(x, 2) for x in os.getloadavg()],
+        "commit": code_version(),
     }
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return info
+
+
+def code_version() -> str:
+    """The measured code: ``git describe``-style short commit, ``+changes`` when the working tree differs; or
+    ``unknown`` outside a git checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "src"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+changes" if dirty else "")
 
 
 def machine_lines(
@@ -115,7 +136,7 @@ def machine_lines(
         f"- Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB; Python {info['python']}, "
         f"torch {info['torch']}; {info['threads']} torch threads; device `{info['device']}`"
         + (f" ({info['gpu']})" if "gpu" in info else ""),
-        f"- Date: {info['date']}",
+        f"- Date: {info['date']}" + (f"; code: commit `{info['commit']}`" if info.get("commit") else ""),
         line,
     ]
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes.util
 import json
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -193,3 +195,12 @@ def test_two_process_run_shares_banks_and_weights(tmp_path: Path) -> None:
     # Rank 0's checkpoint resumes in one process (a warning says the step count per epoch changed).
     result = train(tiny_config(tmp_path / "run", epochs=2, scenes_num_images=16, queue_size=32), progress_bar=False)
     assert result.epoch == 2 and result.step == 8
+
+
+def test_keep_freed_memory_is_a_run_flag_applied_on_cpu() -> None:
+    from cribo.train import keep_freed_memory
+
+    assert config_lib.resolve(overrides={"keep_freed_memory": False}).run.keep_freed_memory is False
+    assert config_lib.TrainConfig().run.keep_freed_memory is True
+    applied = keep_freed_memory()
+    assert applied is (sys.platform.startswith("linux") and ctypes.util.find_library("c") is not None)

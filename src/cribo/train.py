@@ -11,9 +11,12 @@ weights bit for bit on CPU.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import json
 import logging
 import resource
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -301,9 +304,36 @@ class Trainer:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+GLIBC_M_TRIM_THRESHOLD = -1  # mallopt parameter numbers (glibc malloc.h)
+GLIBC_M_MMAP_THRESHOLD = -3
+KEEP_FREED_BYTES = 2**31 - 1
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc malloc to keep freed memory in the heap for reuse, for the whole process.
+
+    By default glibc serves each allocation above 32 MiB with a fresh ``mmap`` and returns it to the system on
+    free (and trims the heap), so the same large tensors are page-faulted and zeroed again at every step; on a
+    2-core CPU that costs 5-10 % of a step. Raising ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` keeps that
+    memory: the resident set stays at its peak (the step's peak is unchanged, about +40 MiB in the benchmarks).
+    Turned off with ``run.keep_freed_memory: false``. Returns whether it applied (Linux with glibc only).
+    """
+    name = ctypes.util.find_library("c")
+    if not name or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        limit = ctypes.c_int(KEEP_FREED_BYTES)
+        return bool(libc.mallopt(GLIBC_M_MMAP_THRESHOLD, limit)) and bool(libc.mallopt(GLIBC_M_TRIM_THRESHOLD, limit))
+    except (OSError, AttributeError):
+        return False
+
+
 def build_trainer(config: TrainConfig) -> Trainer:
     """Construct networks, loss, bank, optimiser, data and schedules from the configuration."""
     device = resolve_device(config.run.device)
+    if config.run.keep_freed_memory and device.type == "cpu" and keep_freed_memory():
+        logger.debug("glibc malloc keeps freed memory (run.keep_freed_memory)")
     world, rank = distributed.world_size(), distributed.rank()
     torch.manual_seed(config.run.seed)  # identical initial weights on every process
     student = build_network(config, config.model.drop_path_rate, config.model.norm_last_layer).to(device)
