@@ -266,22 +266,14 @@ def _teacher_phases(trainer: Any, images: Any, positions: Any, values: Any, cloc
 
 def _split_backward(trainer: Any, loss: Any, tokens: Any, leaf: Any, values: Any, clock: common.PhaseClock) -> None:
     """``cribo.train.optimiser_step`` with its backward cut in two at the student's tokens (same gradients)."""
-    from torch import nn
+    from cribo.train import apply_gradients
 
     trainer.optimizer.zero_grad(set_to_none=True)
     trainer.scaler.scale(loss).backward()
     clock.lap("heads_loss_backward")
     tokens.backward(leaf.grad)
     clock.lap("student_backbone_backward")
-    if trainer.config.optim.clip_grad > 0:
-        trainer.scaler.unscale_(trainer.optimizer)
-        nn.utils.clip_grad_norm_(trainer.student.parameters(), trainer.config.optim.clip_grad)
-    if values.freeze_last_layer:
-        for name, param in trainer.student.head.named_parameters():
-            if name.startswith("last_layer"):
-                param.grad = None
-    trainer.scaler.step(trainer.optimizer)
-    trainer.scaler.update()
+    apply_gradients(trainer, values)
     clock.lap("optimiser")
 
 

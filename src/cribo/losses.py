@@ -405,39 +405,15 @@ class CrIBoLoss(nn.Module):
             teacher_temp_c: teacher temperature of the object terms.
             compute_dtype: dtype of the matrix products.
         """
-        buffers = self._target_buffers(
-            [
-                (global_features.shape[0], self.center.dim),
-                (object_features.shape[0], self.center_c.dim),
-                (neighbour_features.shape[0], self.center_c.dim),
-            ],
-            global_features.device,
+        inputs = (  # features in student-row order, last layer, centre, temperature
+            (flip_views(global_features), last_layer, self.center, teacher_temp),
+            (flip_views(object_features), last_layer_c, self.center_c, teacher_temp_c),
+            (neighbour_features, last_layer_c, self.center_c, teacher_temp_c),
         )
-        global_probs, global_sum = teacher_targets(
-            flip_views(global_features),
-            *last_layer,
-            self.center.center,
-            teacher_temp,
-            compute_dtype=compute_dtype,
-            column_sums=True,
-            out=buffers[0],
-        )
-        object_probs, object_sum = teacher_targets(
-            flip_views(object_features),
-            *last_layer_c,
-            self.center_c.center,
-            teacher_temp_c,
-            compute_dtype=compute_dtype,
-            column_sums=True,
-            out=buffers[1],
-        )
-        neighbour_probs, _ = teacher_targets(
-            neighbour_features,
-            *last_layer_c,
-            self.center_c.center,
-            teacher_temp_c,
-            compute_dtype=compute_dtype,
-            out=buffers[2],
+        buffers = self._target_buffers([(x.shape[0], c.dim) for x, _, c, _ in inputs], global_features.device)
+        (global_probs, global_sum), (object_probs, object_sum), (neighbour_probs, _) = (
+            teacher_targets(x, *layer, c.center, t, compute_dtype=compute_dtype, column_sums=True, out=out)
+            for (x, layer, c, t), out in zip(inputs, buffers, strict=True)
         )
         _, rows, weights = cross_image_entries(cycle_mask, self.cross_image_normalization)
         if rows.shape[0] != neighbour_features.shape[0]:

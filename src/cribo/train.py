@@ -608,6 +608,11 @@ def optimiser_step(trainer: Trainer, loss: Tensor, values: StepValues) -> None:
     """Backward, optional clipping, last-layer freezing, optimiser step (through the scaler)."""
     trainer.optimizer.zero_grad(set_to_none=True)
     trainer.scaler.scale(loss).backward()
+    apply_gradients(trainer, values)
+
+
+def apply_gradients(trainer: Trainer, values: StepValues) -> None:
+    """After the backward: optional clipping, last-layer freezing, optimiser step (through the scaler)."""
     if trainer.config.optim.clip_grad > 0:
         trainer.scaler.unscale_(trainer.optimizer)
         nn.utils.clip_grad_norm_(trainer.student.parameters(), trainer.config.optim.clip_grad)
