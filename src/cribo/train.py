@@ -304,6 +304,21 @@ class Trainer:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+def build_criterion(config: TrainConfig) -> CrIBoLoss:
+    """The loss with its centres; ``semantics: authors`` fixes the [CLS] student temperature at 0.1 (quirk 4)
+    and normalises the cross-image term by view 1's count (quirk 1)."""
+    authors = config.method.semantics == "authors"
+    return CrIBoLoss(
+        config.model.out_dim,
+        config.model.out_dim_c,
+        student_temp=0.1 if authors else config.loss.student_temp,
+        student_temp_c=config.loss.student_temp_c,
+        center_momentum=config.loss.center_momentum,
+        center_momentum_c=config.loss.center_momentum,
+        cross_image_normalization="view1" if authors else "per_view",
+    )
+
+
 GLIBC_M_TRIM_THRESHOLD = -1  # mallopt parameter numbers (glibc malloc.h)
 GLIBC_M_MMAP_THRESHOLD = -3
 KEEP_FREED_BYTES = 2**31 - 1
@@ -346,16 +361,7 @@ def build_trainer(config: TrainConfig) -> Trainer:
         student_step = nn.parallel.DistributedDataParallel(student_step, device_ids=device_ids)
     torch.manual_seed(config.run.seed + rank)  # from here on (drop-path), each process draws its own stream
     np.random.seed(config.run.seed + rank)
-    semantics = config.method.semantics
-    criterion = CrIBoLoss(
-        config.model.out_dim,
-        config.model.out_dim_c,
-        student_temp=0.1 if semantics == "authors" else config.loss.student_temp,
-        student_temp_c=config.loss.student_temp_c,
-        center_momentum=config.loss.center_momentum,
-        center_momentum_c=config.loss.center_momentum,
-        cross_image_normalization="view1" if semantics == "authors" else "per_view",
-    ).to(device)
+    criterion = build_criterion(config).to(device)
     bank_generator = torch.Generator().manual_seed(config.run.seed)
     bank = ObjectMemoryBank(
         config.method.queue_size, config.method.n_tokens, student.backbone.embed_dim, generator=bank_generator
