@@ -215,11 +215,7 @@ def write_report(
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    args.threads = args.threads or (1 if args.quick else 2)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    import torch
-
-    torch.set_num_threads(args.threads)
+    qc.start(args)
     scale = qc.scale_for(args.quick, args.device)
     info = common.machine_info(args.threads, args.device)
     results = []

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import statistics
@@ -520,6 +521,15 @@ def seeds_needed(std_difference: float, effect: float, max_seeds: int = 10_000) 
 
 
 # ------------------------------------------------------------------------------------------------ output
+
+
+def start(args: Any) -> None:
+    """Common start of the quality scripts: default threads (1 with --quick, else 2), INFO logging, torch threads."""
+    args.threads = args.threads or (1 if args.quick else 2)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    import torch
+
+    torch.set_num_threads(args.threads)
 
 
 def results_folder(explicit: Path | None, quick: bool) -> Path:

@@ -243,7 +243,6 @@ class Center(nn.Module):
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must lie in [0, 1], got {momentum}")
         self.momentum = momentum
-        self.dim = dim
         self.register_buffer("center", torch.zeros(1, dim))
 
     @torch.no_grad()
@@ -405,15 +404,16 @@ class CrIBoLoss(nn.Module):
             teacher_temp_c: teacher temperature of the object terms.
             compute_dtype: dtype of the matrix products.
         """
-        inputs = (  # features in student-row order, last layer, centre, temperature
-            (flip_views(global_features), last_layer, self.center, teacher_temp),
-            (flip_views(object_features), last_layer_c, self.center_c, teacher_temp_c),
-            (neighbour_features, last_layer_c, self.center_c, teacher_temp_c),
+        inputs = (  # features in student-row order, last layer, centre, temperature, centre statistic wanted
+            (flip_views(global_features), last_layer, self.center.center, teacher_temp, True),
+            (flip_views(object_features), last_layer_c, self.center_c.center, teacher_temp_c, True),
+            (neighbour_features, last_layer_c, self.center_c.center, teacher_temp_c, False),
         )
-        buffers = self._target_buffers([(x.shape[0], c.dim) for x, _, c, _ in inputs], global_features.device)
+        shapes = [(x.shape[0], center.shape[1]) for x, _, center, _, _ in inputs]
+        buffers = self._target_buffers(shapes, global_features.device)
         (global_probs, global_sum), (object_probs, object_sum), (neighbour_probs, _) = (
-            teacher_targets(x, *layer, c.center, t, compute_dtype=compute_dtype, column_sums=True, out=out)
-            for (x, layer, c, t), out in zip(inputs, buffers, strict=True)
+            teacher_targets(x, *layer, center, t, compute_dtype=compute_dtype, column_sums=sums, out=out)
+            for (x, layer, center, t, sums), out in zip(inputs, buffers, strict=True)
         )
         _, rows, weights = cross_image_entries(cycle_mask, self.cross_image_normalization)
         if rows.shape[0] != neighbour_features.shape[0]:
