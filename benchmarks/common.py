@@ -180,6 +180,18 @@ def time_calls(
     return times
 
 
+def gemm_gflops(size: int = 2048, repeat: int = 7, device: str = "cpu") -> float:
+    """This machine's dense float32 matrix-product rate right now: median GFLOP/s of ``repeat`` square
+    ``size``-sized ``torch.mm`` calls (after two warm-up calls), with the current torch thread setting."""
+    import torch
+
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    out = torch.empty(size, size, device=device)
+    times = time_calls(lambda: torch.mm(a, b, out=out), 2, repeat, device_sync(device))
+    return 2 * size**3 / median(times) / 1e9
+
+
 @dataclass
 class PhaseClock:
     """Accumulates wall-clock time per named phase of one step: ``lap(name)`` closes the phase since the last lap.

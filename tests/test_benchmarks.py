@@ -63,9 +63,26 @@ def test_step_quick(bench, tmp_path: Path) -> None:
     bench_step = bench("bench_step")
     assert bench_step.main(["--quick", "--in-process", *ONE_THREAD, "--output-dir", str(tmp_path)]) == 0
     text = (tmp_path / "bench_step.md").read_text()
-    assert "| tiny |" in text and "DINO" in text and "Load average" in text
+    assert "| tiny |" in text and "DINO" in text and "Load average" in text and "Compute bound" in text
     for phase in bench_step.AUTHOR_PHASES:
         assert phase in text
+
+
+def test_compute_bound_uses_the_goal_and_the_measured_rate(bench) -> None:
+    bench_step = bench("bench_step")
+    account = bench_step.flop_account(bench_step.SETTINGS["C"], objects=100.0, neighbours=50.0)
+    more = bench_step.flop_account(bench_step.SETTINGS["C"], objects=100.0, neighbours=150.0)
+    assert more["teacher backbone"] == account["teacher backbone"]
+    key = next(k for k in account if k.startswith("object heads"))
+    assert more[key] > account[key]  # the teacher's head sees the used neighbours only
+    total = sum(account.values())
+    run = {"seconds": 4.0, "gemm_gflops": 150.0, "objects": 100.0, "cycle_consistent": 50.0}
+    floor = {"seconds": 2.0, "gemm_gflops": 150.0}
+    _title, table, text = bench_step.compute_bound({"C": run}, {"C": floor})
+    goal = bench_step.AUTHORS["C"].seconds / bench_step.SPEED_GOALS["C"]
+    row = table.splitlines()[2].split(" | ")
+    assert row[3] == f"{total / 150.0:.2f}" and row[5].startswith(f"{total / goal:.0f} ")
+    assert f"C: the goal needs {100 * total / goal / 150:.0f} %" in text
 
 
 def test_step_phase_map_covers_every_lap(bench) -> None:
