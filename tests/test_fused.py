@@ -67,7 +67,8 @@ def test_teacher_targets_in_bfloat16_stay_close() -> None:
 
 @pytest.mark.parametrize("gain", [True, False])
 @pytest.mark.parametrize("block_bytes", [TINY_BLOCK, 2**20])
-def test_soft_cross_entropy_terms_values_and_gradients(gain: bool, block_bytes: int) -> None:
+@pytest.mark.parametrize("store_bytes", [0, 2**20], ids=["recompute", "stored"])
+def test_soft_cross_entropy_terms_values_and_gradients(gain: bool, block_bytes: int, store_bytes: int) -> None:
     gen = torch.Generator().manual_seed(2)
     features = _unit(10, 8, gen).requires_grad_()
     weight_v, weight_g = _layer(40, 8, gen, gain=gain)
@@ -76,7 +77,9 @@ def test_soft_cross_entropy_terms_values_and_gradients(gain: bool, block_bytes: 
     rows2 = torch.tensor([0, 3, 4, 9])
     w1, w2 = torch.full((10,), 0.1), torch.rand(4, generator=gen)
     targets = [SoftTarget(first.clone(), torch.arange(10), w1), SoftTarget(second.clone(), rows2, w2)]
-    out = soft_cross_entropy_terms(features, weight_v, weight_g, 7.0, targets, block_bytes=block_bytes)
+    out = soft_cross_entropy_terms(
+        features, weight_v, weight_g, 7.0, targets, block_bytes=block_bytes, store_bytes=store_bytes
+    )
 
     log_probs = F.log_softmax(7.0 * _logits(features, weight_v, weight_g), dim=-1)
     reference = torch.stack(

@@ -199,6 +199,47 @@ def test_create_backbone_matches_authors_vit(network: CrIBoNetwork, fixture: dic
     assert gelus and all(gelu.approximate == "none" for gelu in gelus)
 
 
+@pytest.mark.parametrize("drop_rate", [0.5, 1.0])
+def test_sample_drop_block_equals_timm_block(drop_rate: float) -> None:
+    # Same weights, same seed: the kept samples' branches are timm's, the dropped ones are skipped, not zeroed.
+    torch.manual_seed(0)
+    ours = models.SampleDropBlock(dim=32, num_heads=4, drop_path=drop_rate)
+    theirs = timm.models.vision_transformer.Block(dim=32, num_heads=4, drop_path=drop_rate)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(16, 5, 32)
+    outputs, grads = [], []
+    for block in (ours, theirs):
+        block.train()
+        torch.manual_seed(3)
+        inputs = x.clone().requires_grad_()
+        out = block(inputs)
+        out.pow(2).sum().backward()
+        outputs.append(out)
+        grads.append([inputs.grad] + [p.grad for p in block.parameters()])
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+    for mine, timms in zip(*grads, strict=True):
+        assert mine is not None  # every parameter takes part, even when every sample is dropped
+        torch.testing.assert_close(mine, timms, rtol=1e-5, atol=1e-5)
+    if drop_rate == 0.5:  # some samples dropped and some kept in this draw
+        unchanged = (outputs[0] == x).flatten(1).all(dim=1)
+        assert 0 < int(unchanged.sum()) < x.shape[0]
+    ours.eval()
+    torch.testing.assert_close(ours(x), theirs.eval()(x))
+
+
+def test_sample_drop_block_draws_like_timm() -> None:
+    # The random stream after a block is the same as after timm's block (resume and parity depend on it).
+    block = models.SampleDropBlock(dim=16, num_heads=2, drop_path=0.3).train()
+    reference = timm.models.vision_transformer.Block(dim=16, num_heads=2, drop_path=0.3).train()
+    after = []
+    for module in (block, reference):
+        torch.manual_seed(5)
+        module(torch.randn(8, 3, 16))
+        after.append(torch.rand(4))
+    torch.testing.assert_close(after[0], after[1], rtol=0, atol=0)
+    assert isinstance(create_backbone("vit_tiny", 16, drop_path_rate=0.1, depth=1).blocks[0], models.SampleDropBlock)
+
+
 def test_resolve_arch() -> None:
     assert resolve_arch("vit_small", 16) == ("vit_small_patch16_224", {})
     assert resolve_arch("vit_base", 8) == ("vit_base_patch8_224", {})

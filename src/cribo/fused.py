@@ -5,16 +5,18 @@ cross-entropy between a sharpened teacher distribution and the student's tempere
 the plain way, each step materialises several ``(R, C)`` float tensors per term (logits, log-softmax, flipped
 copies, products, their gradients, the normalised weight and its gradient), each over 100 MB at the paper's sizes;
 on a CPU every one of them is a fresh ``mmap`` that is page-faulted in and unmapped again, which costs more than
-the arithmetic. This module computes the same values with no ``(R, C)`` tensor but the teacher's targets:
+the arithmetic. This module computes the same values with no ``(R, C)`` tensor but the teacher's targets and,
+when they fit a budget, the student's logits:
 
 * :func:`teacher_targets` writes the teacher's sharpened distribution straight into its target buffer and returns
   the column sums of the raw logits (for the centre update);
 * :func:`soft_cross_entropy_terms` (a custom autograd function) computes ``sum_j w_j CE(p_j, s_{r_j})`` for any
   number of targets. The forward sweeps the outputs in column blocks, keeping a running log-sum-exp per row (as
-  in online softmax) and the dot products with the targets; the backward recomputes each block of logits and
-  turns it into that block of the gradient, ``w_j (sum(p_j) softmax(s_{r_j}) - p_j)``, then into the gradients
-  of the features and of the layer, with the weight-norm backward applied analytically: the normalised weight is
-  never formed.
+  in online softmax) and the dot products with the targets, and keeps the logits when they take at most
+  :data:`STORE_LOGITS_BYTES`; the backward takes each block of logits (kept, or recomputed when they were too
+  large to keep) and turns it into that block of the gradient, ``w_j (sum(p_j) softmax(s_{r_j}) - p_j)``, then
+  into the gradients of the features and of the layer, with the weight-norm backward applied analytically: the
+  normalised weight is never formed.
 
 Column blocks keep every product a wide GEMM over all rows (about 170 GFLOP/s on 2 cores, against 65 for the
 32-row chunks a row-wise softmax would need) and every temporary small enough for malloc to reuse.
@@ -42,6 +44,9 @@ from torch import Tensor
 BLOCK_BYTES = {"cpu": 2 * 2**20}
 ACCELERATOR_BLOCK_BYTES = 256 * 2**20
 MIN_BLOCK_COLUMNS = 16
+# The student's (R, C) float32 logits are kept from the forward for the backward when they fit in this many bytes
+# (one matrix product fewer: a quarter of the fused student work), and recomputed block by block when larger.
+STORE_LOGITS_BYTES = 512 * 2**20
 
 
 def default_block_bytes(device: torch.device) -> int:
@@ -189,9 +194,13 @@ class _SoftCrossEntropyTerms(torch.autograd.Function):
         targets: Sequence[SoftTarget],
         compute_dtype: torch.dtype,
         block_bytes: int,
+        store_bytes: int,
     ) -> Tensor:
         num_rows, num_columns = features.shape[0], weight_v.shape[0]
         device = features.device
+        stored = (
+            torch.empty(num_rows, num_columns, device=device) if 4 * num_rows * num_columns <= store_bytes else None
+        )
         factor, norms = column_scale(weight_v, weight_g, scale)
         weight, h = weight_v.detach().to(compute_dtype), features.detach().to(compute_dtype)
         identity = [_is_identity(t.rows, num_rows) for t in targets]
@@ -201,6 +210,8 @@ class _SoftCrossEntropyTerms(torch.autograd.Function):
         row_sum = torch.zeros(num_rows, device=device)
         for cols in column_blocks(num_rows, num_columns, block_bytes):
             logits = _block_logits(h, weight, factor, cols)
+            if stored is not None:
+                stored[:, cols] = logits
             for target, dot, same in zip(targets, dots, identity, strict=True):
                 if target.rows.numel():
                     picked = logits if same else logits[target.rows]
@@ -222,6 +233,7 @@ class _SoftCrossEntropyTerms(torch.autograd.Function):
         )
         ctx.targets, ctx.masses, ctx.identity = targets, masses, identity
         ctx.compute_dtype, ctx.scale, ctx.block_bytes = compute_dtype, scale, block_bytes
+        ctx.stored = stored
         ctx.save_for_backward(features, weight_v, weight_g, factor, norms, lse)
         return losses
 
@@ -245,7 +257,8 @@ class _SoftCrossEntropyTerms(torch.autograd.Function):
         grad_g = torch.zeros(num_columns, device=device) if ctx.needs_input_grad[2] else None
         with _no_autocast(device):
             for cols in column_blocks(num_rows, num_columns if entries else 0, ctx.block_bytes, dim):
-                grad = _block_logits(h, weight, factor, cols).sub_(lse[:, None]).exp_().mul_(coefficient[:, None])
+                logits = _block_logits(h, weight, factor, cols) if ctx.stored is None else ctx.stored[:, cols]
+                grad = logits.sub(lse[:, None]).exp_().mul_(coefficient[:, None])
                 for target, negative, same in entries:
                     if same:
                         grad.addcmul_(target.probs[:, cols], negative)
@@ -272,6 +285,7 @@ class _SoftCrossEntropyTerms(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -284,12 +298,13 @@ def soft_cross_entropy_terms(
     *,
     compute_dtype: torch.dtype = torch.float32,
     block_bytes: int | None = None,
+    store_bytes: int = STORE_LOGITS_BYTES,
 ) -> Tensor:
     """Weighted soft cross-entropies through a weight-normalised linear layer, one value per target.
 
     ``out[t] = sum_j w_tj * ( -sum_c p_tjc log softmax(s_{r_tj})_c )`` with student logits
-    ``s = scale * features @ (g v / ||v||).T`` computed block by block and never stored (the backward recomputes
-    them).
+    ``s = scale * features @ (g v / ||v||).T`` computed block by block; kept for the backward when the ``(R, C)``
+    float32 logits take at most ``store_bytes``, recomputed there block by block otherwise.
 
     Args:
         features: ``(R, d)`` student bottleneck features (differentiable).
@@ -299,6 +314,7 @@ def soft_cross_entropy_terms(
         targets: the terms (read only).
         compute_dtype: dtype of the matrix products (``bfloat16`` under mixed precision); softmax is float32.
         block_bytes: size of one block of logits (default :func:`default_block_bytes`).
+        store_bytes: largest ``(R, C)`` float32 logits kept between forward and backward (0: always recompute).
 
     Returns:
         ``(T,)`` float32, differentiable with respect to ``features``, ``weight_v`` and ``weight_g``. A target
@@ -324,5 +340,6 @@ def soft_cross_entropy_terms(
             tuple(targets),
             compute_dtype,
             block_bytes or default_block_bytes(features.device),
+            store_bytes,
         )
     return out

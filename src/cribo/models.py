@@ -20,7 +20,7 @@ import logging
 import math
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from timm.layers import DropPath
 from timm.models import checkpoint_seq
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
 logger = logging.getLogger(__name__)
@@ -91,6 +92,52 @@ def resolve_arch(arch: str, patch_size: int = DEFAULT_PATCH_SIZE) -> tuple[str, 
     raise ValueError(f"arch {arch!r} is unknown: use one of {sorted(SHORT_ARCHS)} or a timm ViT model name")
 
 
+def skip_dropped_samples(x: Tensor, branch: Callable[[Tensor], Tensor], drop: nn.Module) -> Tensor:
+    """``x + drop(branch(x))`` (a residual branch under timm's ``DropPath``) without computing the branch for the
+    samples that stochastic depth drops.
+
+    The samples' keep-scales are drawn exactly as ``timm.layers.drop_path`` draws them (one ``bernoulli_`` on a
+    ``(B, 1, ..., 1)`` tensor of ``x``'s dtype, divided by the keep probability), so the random stream and the
+    values are timm's; only the branch runs on the kept samples alone, which saves the drop rate's share of the
+    block's work. On an accelerator, picking the kept samples would wait for the device once per branch, so the
+    branch runs on every sample and is multiplied by the scales, as timm does.
+
+    Args:
+        x: ``(B, ...)`` the residual stream.
+        branch: the residual branch, applied row-wise (sample by sample).
+        drop: the block's ``DropPath`` (or ``Identity`` when the rate is 0).
+
+    Returns:
+        ``(B, ...)`` the updated stream.
+    """
+    if not (isinstance(drop, DropPath) and drop.training and drop.drop_prob > 0.0):
+        return x + drop(branch(x))
+    keep_prob = 1.0 - drop.drop_prob
+    scale = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep_prob)
+    if keep_prob > 0.0 and drop.scale_by_keep:
+        scale.div_(keep_prob)
+    if x.device.type != "cpu":
+        return x + branch(x) * scale
+    kept = scale.view(-1).nonzero().view(-1)
+    if kept.shape[0] == x.shape[0]:
+        return x + branch(x) * scale
+    # The branch still runs (on no rows when all are dropped), so every parameter takes part in the backward.
+    return x.index_add(0, kept, branch(x[kept]) * scale[kept])
+
+
+class SampleDropBlock(Block):
+    """timm's ViT ``Block`` whose stochastic depth skips the dropped samples (:func:`skip_dropped_samples`).
+
+    Same parameters, state dict, random draws and values as ``Block``; used for the short arch names.
+    """
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        if attn_mask is not None:  # a mask may be per sample: keep timm's path
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        x = skip_dropped_samples(x, lambda y: self.ls1(self.attn(self.norm1(y), is_causal=is_causal)), self.drop_path1)
+        return skip_dropped_samples(x, lambda y: self.ls2(self.mlp(self.norm2(y))), self.drop_path2)
+
+
 def create_backbone(
     arch: str, patch_size: int = DEFAULT_PATCH_SIZE, drop_path_rate: float = 0.0, depth: int | None = None
 ) -> VisionTransformer:
@@ -107,6 +154,8 @@ def create_backbone(
         ``VisionTransformer`` with ``num_classes=0`` and ``dynamic_img_size=True``; nothing is downloaded.
     """
     name, extra = resolve_arch(arch, patch_size)
+    if arch in SHORT_ARCHS:  # timm's standard block; other timm names keep their own
+        extra = {**extra, "block_fn": SampleDropBlock}
     if depth is not None:
         if depth < 1:
             raise ValueError(f"depth must be a positive number of blocks, got {depth}")
@@ -637,15 +686,7 @@ def load_backbone(
         found = _parse_checkpoint(_torch_load(path, allow_pickle), which, path)
     backbone_state, skipped = split_backbone_state(found.state)
     arch_name, patch = _resolve_architecture(backbone_state, arch or found.arch, patch_size or found.patch_size, path)
-    backbone = _backbone_to_load(arch_name, patch)
-    shallow = depth_of_state(backbone_state)
-    if shallow is not None and shallow < len(backbone.blocks):  # a shallower ViT (e.g. the tiny-cpu preset)
-        backbone = _backbone_to_load(arch_name, patch, shallow)
-    expected = backbone.state_dict()
-    check_state_dict(expected, backbone_state, f"backbone weights in {path}")
-    # The file's tensors are ours alone: the model takes them over (in its own dtype) instead of copying them.
-    converted = {key: value.to(expected[key].dtype).contiguous() for key, value in backbone_state.items()}
-    backbone.load_state_dict(converted, strict=True, assign=True)
+    backbone = _backbone_from_state(backbone_state, arch_name, patch, path)
     info = BackboneInfo(
         source=found.source,
         arch=arch_name,
@@ -661,6 +702,20 @@ def load_backbone(
         "loaded %s backbone %s/%d from %s (%d tensors)", info.source, arch_name, patch, path, len(backbone_state)
     )
     return backbone.eval(), info
+
+
+def _backbone_from_state(state: Mapping[str, Tensor], arch: str, patch_size: int, path: Path) -> VisionTransformer:
+    """A ViT of ``arch``/``patch_size`` (as deep as ``state``) holding exactly the tensors of ``state``, checked."""
+    backbone = _backbone_to_load(arch, patch_size)
+    shallow = depth_of_state(state)
+    if shallow is not None and shallow < len(backbone.blocks):  # a shallower ViT (e.g. the tiny-cpu preset)
+        backbone = _backbone_to_load(arch, patch_size, shallow)
+    expected = backbone.state_dict()
+    check_state_dict(expected, state, f"backbone weights in {path}")
+    # The file's tensors are ours alone: the model takes them over (in its own dtype) instead of copying them.
+    converted = {key: value.to(expected[key].dtype).contiguous() for key, value in state.items()}
+    backbone.load_state_dict(converted, strict=True, assign=True)
+    return backbone
 
 
 def depth_of_state(state: Mapping[str, Tensor]) -> int | None:

@@ -370,12 +370,37 @@ def build_trainer(config: TrainConfig) -> Trainer:
     fused = device.type in ("cpu", "cuda")
     optimizer = torch.optim.AdamW(parameter_groups(student), fused=fused, foreach=None if fused else True)
     amp_dtype = autocast_dtype(config.run.precision, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    loader, sampler, loader_generator = build_loader(config, device, rank, world)
+    iters = iterations_per_epoch(sampler.num_items, config.optim.batch_size_per_gpu, world)
+    return Trainer(
+        config=config,
+        device=device,
+        student=student,
+        student_step=student_step,
+        teacher=teacher,
+        criterion=criterion,
+        bank=bank,
+        optimizer=optimizer,
+        scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
+        schedules=Schedules.build(config, iters, world),
+        loader=loader,
+        sampler=sampler,
+        iters_per_epoch=iters,
+        cluster_generator=torch.Generator(device=device).manual_seed(config.run.seed + 1 + rank),
+        loader_generator=loader_generator,
+        amp_dtype=amp_dtype,
+    )
+
+
+def build_loader(
+    config: TrainConfig, device: torch.device, rank: int, world: int
+) -> tuple[DataLoader, EpochBatchSampler, torch.Generator]:
+    """The two-view data pipeline of one process: its loader, batch sampler (this rank's share of each epoch) and
+    the loader's generator (saved in checkpoints)."""
     augmentation = TwoViewAugmentation(
         output_size=config.data.image_size, scale=config.data.global_crops_scale, patch_size=config.model.patch_size
     )
     dataset = TwoViewDataset(build_image_source(config), augmentation, config.run.seed)
-    iters = iterations_per_epoch(len(dataset), config.optim.batch_size_per_gpu, world)
     sampler = EpochBatchSampler(len(dataset), config.optim.batch_size_per_gpu, config.run.seed, rank, world)
     loader_generator = torch.Generator().manual_seed(config.run.seed)
     loader = DataLoader(
@@ -387,24 +412,7 @@ def build_trainer(config: TrainConfig) -> Trainer:
         generator=loader_generator,
         persistent_workers=False,
     )
-    return Trainer(
-        config=config,
-        device=device,
-        student=student,
-        student_step=student_step,
-        teacher=teacher,
-        criterion=criterion,
-        bank=bank,
-        optimizer=optimizer,
-        scaler=scaler,
-        schedules=Schedules.build(config, iters, world),
-        loader=loader,
-        sampler=sampler,
-        iters_per_epoch=iters,
-        cluster_generator=torch.Generator(device=device).manual_seed(config.run.seed + 1 + rank),
-        loader_generator=loader_generator,
-        amp_dtype=amp_dtype,
-    )
+    return loader, sampler, loader_generator
 
 
 def state_dict(trainer: Trainer) -> dict[str, Any]:
