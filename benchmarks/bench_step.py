@@ -486,23 +486,26 @@ def flop_account(setting: StepSetting, objects: float, neighbours: float) -> dic
     """GFLOP per step of the matrix products the method needs (multiply-add = 2 FLOP).
 
     Backbone: per image ``depth * (24 L D^2 + 4 L^2 D)`` with ``L = N + 1`` tokens; forward counts 1x, forward +
-    backward 3x. Head: the MLP ``2 (D*2048 + 2048^2 + 2048*256)`` plus the last layer ``2 * 256 * C`` per row;
-    the teacher's object head sees the ``2n`` objects and the ``c`` cycle-consistent neighbours (the only ones the
-    cross-image term uses), the student's ``2n`` objects (x3 with backward; ``cribo.fused`` recomputes the student's
-    last-layer logits in the backward, one more ``2 * 256 * C`` per row, not counted: this is the method's
-    minimum). Bank search: ``2 views * n * M * D * 2`` with ``M = bank * K`` keys (float32-equivalent).
+    backward 3x, the student's times the expected share of samples that stochastic depth keeps (the dropped ones
+    are skipped; rate ``linspace(0, DROP_PATH_RATE, depth)`` per block). Head: the MLP
+    ``2 (D*2048 + 2048^2 + 2048*256)`` plus the last layer ``2 * 256 * C`` per row; the teacher's object head sees
+    the ``2n`` objects and the ``c`` cycle-consistent neighbours (the only ones the cross-image term uses), the
+    student's ``2n`` objects (x3 with backward; when the student's logits are too large to keep,
+    ``cribo.fused`` recomputes them in the backward, one more ``2 * 256 * C`` per row, not counted). Bank search:
+    ``2 views * n * M * D * 2`` with ``M = bank * K`` keys (float32-equivalent).
     """
     depth, width = _dims(setting.arch)
     if setting.depth:
         depth = setting.depth
     tokens = (setting.image_size // setting.patch_size) ** 2 + 1
     per_image = depth * (24 * tokens * width**2 + 4 * tokens**2 * width)
+    kept = 1.0 - DROP_PATH_RATE / 2 if depth > 1 else 1.0  # mean of linspace(0, rate, depth)
     views = 2 * setting.batch
     head_row = 2 * (width * 2048 + 2048 * 2048 + 2048 * 256) + 2 * 256 * setting.out_dim
     giga = 1e9
     return {
         "teacher backbone": views * per_image / giga,
-        "student backbone (fwd+bwd)": 3 * views * per_image / giga,
+        "student backbone (fwd+bwd)": 3 * views * per_image * kept / giga,
         "[CLS] heads (teacher + student fwd+bwd)": 4 * views * head_row / giga,
         "object heads (teacher 2n + c rows, student 2n rows fwd+bwd)": (2 * objects + neighbours + 3 * 2 * objects)
         * head_row
@@ -556,8 +559,8 @@ def compute_bound(cribo: dict[str, dict[str, Any]], dino: dict[str, dict[str, An
         rows,
     )
     text = (
-        "Sustained rate = the FLOPs of the table above (the method's minimum; `cribo.fused` spends one more "
-        "student last-layer product) divided by the measured seconds per step. Attention, softmax, normalisation, "
+        "Sustained rate = the FLOPs of the table above (the matrix products the method needs) divided by the "
+        "measured seconds per step. Attention, softmax, normalisation, "
         "clustering and the optimiser run well below the matrix-product rate, so no step sustains 100 %; the DINO "
         "step (backbone-dominated, the most GEMM-friendly work) bounds what is realistic. " + "; ".join(notes) + "."
     )

@@ -253,8 +253,10 @@ class _SoftCrossEntropyTerms(torch.autograd.Function):
         weight, h = weight_v.detach().to(compute), features.detach().to(compute)
         gain = weight_g.detach().float().view(-1)
         grad_features = torch.zeros(num_rows, dim, device=device, dtype=torch.float32)
-        grad_v = torch.zeros(num_columns, dim, device=device) if ctx.needs_input_grad[1] else None
-        grad_g = torch.zeros(num_columns, device=device) if ctx.needs_input_grad[2] else None
+        # With entries every column block below writes its rows of grad_v and grad_g; without, they stay zero.
+        fresh = torch.empty if entries else torch.zeros
+        grad_v = fresh(num_columns, dim, device=device) if ctx.needs_input_grad[1] else None
+        grad_g = fresh(num_columns, device=device) if ctx.needs_input_grad[2] else None
         with _no_autocast(device):
             for cols in column_blocks(num_rows, num_columns if entries else 0, ctx.block_bytes, dim):
                 logits = _block_logits(h, weight, factor, cols) if ctx.stored is None else ctx.stored[:, cols]
