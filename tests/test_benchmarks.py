@@ -85,6 +85,22 @@ def test_compute_bound_uses_the_goal_and_the_measured_rate(bench) -> None:
     assert f"C: the goal needs {100 * total / goal / 150:.0f} %" in text
 
 
+def test_step_rounds_report_the_median_round_and_every_round(bench, tmp_path: Path) -> None:
+    bench_step = bench("bench_step")
+    rounds = [{"seconds": 3.0, "tag": "a"}, {"seconds": 1.0, "tag": "b"}, {"seconds": 2.0, "tag": "c"}]
+    median = bench_step.median_round(rounds)
+    assert median["tag"] == "c" and median["round_seconds"] == [3.0, 1.0, 2.0]
+    assert bench_step.median_round(rounds[:2])["tag"] == "b"  # even count: the lower middle round
+    args = ["--quick", "--in-process", "--rounds", "2", *ONE_THREAD, "--output-dir", str(tmp_path)]
+    assert bench_step.main(args) == 0
+    text = (tmp_path / "bench_step.md").read_text()
+    assert "2 interleaved rounds" in text
+    row = next(line for line in text.splitlines() if line.startswith("| tiny | vit_tiny"))
+    assert row.split(" | ")[3].count(" / ") == 1  # both rounds' seconds per step
+    with pytest.raises(SystemExit):
+        bench_step.main(["--quick", "--rounds", "0", "--output-dir", str(tmp_path)])
+
+
 def test_step_phase_map_covers_every_lap(bench) -> None:
     bench_step = bench("bench_step")
     mapped = [lap for laps in bench_step.PHASE_MAP.values() for lap in laps]
