@@ -40,10 +40,11 @@ def test_column_blocks_cover_the_columns_within_the_byte_budget() -> None:
 
 
 @pytest.mark.parametrize("block_bytes", [TINY_BLOCK, 2**20])
-def test_teacher_targets_match_softmax_of_centred_logits(block_bytes: int) -> None:
+@pytest.mark.parametrize("dim", [8, 16], ids=["rows>d", "rows<=d"])  # the column factor on the weight or logits
+def test_teacher_targets_match_softmax_of_centred_logits(block_bytes: int, dim: int) -> None:
     gen = torch.Generator().manual_seed(0)
-    features = _unit(11, 8, gen)
-    weight_v, weight_g = _layer(40, 8, gen)
+    features = _unit(11, dim, gen)
+    weight_v, weight_g = _layer(40, dim, gen)
     center = torch.randn(1, 40, generator=gen)
     probs, sums = teacher_targets(features, weight_v, weight_g, center, 0.04, column_sums=True, block_bytes=block_bytes)
     logits = _logits(features, weight_v, weight_g).detach()
@@ -54,10 +55,11 @@ def test_teacher_targets_match_softmax_of_centred_logits(block_bytes: int) -> No
         teacher_targets(features, weight_v, weight_g, center, 0.0)
 
 
-def test_teacher_targets_in_bfloat16_stay_close() -> None:
+@pytest.mark.parametrize("dim", [4, 16], ids=["rows>d", "rows<=d"])
+def test_teacher_targets_in_bfloat16_stay_close(dim: int) -> None:
     gen = torch.Generator().manual_seed(1)
-    features = _unit(6, 16, gen)
-    weight_v, weight_g = _layer(50, 16, gen)
+    features = _unit(6, dim, gen)
+    weight_v, weight_g = _layer(50, dim, gen)
     center = torch.zeros(1, 50)
     exact, _ = teacher_targets(features, weight_v, weight_g, center, 0.1)
     low, _ = teacher_targets(features, weight_v, weight_g, center, 0.1, compute_dtype=torch.bfloat16)
@@ -68,10 +70,13 @@ def test_teacher_targets_in_bfloat16_stay_close() -> None:
 @pytest.mark.parametrize("gain", [True, False])
 @pytest.mark.parametrize("block_bytes", [TINY_BLOCK, 2**20])
 @pytest.mark.parametrize("store_bytes", [0, 2**20], ids=["recompute", "stored"])
-def test_soft_cross_entropy_terms_values_and_gradients(gain: bool, block_bytes: int, store_bytes: int) -> None:
+@pytest.mark.parametrize("dim", [8, 16], ids=["rows>d", "rows<=d"])  # the column factor on the weight or logits
+def test_soft_cross_entropy_terms_values_and_gradients(
+    gain: bool, block_bytes: int, store_bytes: int, dim: int
+) -> None:
     gen = torch.Generator().manual_seed(2)
-    features = _unit(10, 8, gen).requires_grad_()
-    weight_v, weight_g = _layer(40, 8, gen, gain=gain)
+    features = _unit(10, dim, gen).requires_grad_()
+    weight_v, weight_g = _layer(40, dim, gen, gain=gain)
     first = F.softmax(torch.randn(10, 40, generator=gen), dim=-1)
     second = F.softmax(torch.randn(4, 40, generator=gen) * 3, dim=-1)
     rows2 = torch.tensor([0, 3, 4, 9])
@@ -228,10 +233,11 @@ def test_targets_reject_a_neighbour_count_that_does_not_match_the_mask() -> None
         )
 
 
-def test_soft_cross_entropy_terms_in_bfloat16_stay_close() -> None:
+@pytest.mark.parametrize("dim", [8, 16], ids=["rows>d", "rows<=d"])
+def test_soft_cross_entropy_terms_in_bfloat16_stay_close(dim: int) -> None:
     gen = torch.Generator().manual_seed(8)
-    features = _unit(9, 16, gen).requires_grad_()
-    weight_v, weight_g = _layer(64, 16, gen)
+    features = _unit(9, dim, gen).requires_grad_()
+    weight_v, weight_g = _layer(64, dim, gen)
     probs = F.softmax(torch.randn(9, 64, generator=gen), dim=-1)
     results = []
     for dtype in (torch.float32, torch.bfloat16):

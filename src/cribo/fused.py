@@ -85,10 +85,28 @@ def column_scale(weight_v: Tensor, weight_g: Tensor, scale: float = 1.0) -> tupl
     return weight_g.detach().float().view(-1) / norms * scale, norms
 
 
-def _block_logits(features: Tensor, weight: Tensor, factor: Tensor, cols: slice) -> Tensor:
-    """``(R, d)`` features (in the compute dtype) -> ``(R, width)`` float32 logits of the columns ``cols``."""
-    logits = torch.mm(features, weight[cols].t())
-    return logits.float().mul_(factor[cols]) if logits.dtype != torch.float32 else logits.mul_(factor[cols])
+def _factor_on_weight(left: Tensor) -> bool:
+    """Whether a product ``left @ (factor * weight block)`` should scale the ``(width, d)`` weight block rather than
+    the ``(R, width)`` side: the smaller one, so when ``R > d``."""
+    return left.shape[0] > left.shape[1]
+
+
+def _scaled_rows(weight: Tensor, factor: Tensor, cols: slice, dtype: torch.dtype) -> Tensor:
+    """``(width, d)`` rows ``cols`` of ``weight``, each times its ``factor``, in ``dtype``."""
+    return (weight[cols].float() * factor[cols, None]).to(dtype)
+
+
+def _block_logits(features: Tensor, weight: Tensor, factor: Tensor, cols: slice, out: Tensor | None = None) -> Tensor:
+    """``(R, d)`` features (in the compute dtype) -> ``(R, width)`` float32 logits ``h @ v[cols].T * factor[cols]``
+    of the columns ``cols``, written into ``out`` (a float32 ``(R, width)`` view) when given."""
+    on_weight = _factor_on_weight(features)
+    block = _scaled_rows(weight, factor, cols, features.dtype) if on_weight else weight[cols]
+    if features.dtype == torch.float32:
+        logits = torch.mm(features, block.t(), out=out)
+    else:
+        product = torch.mm(features, block.t())
+        logits = out.copy_(product) if out is not None else product.float()
+    return logits if on_weight else logits.mul_(factor[cols])
 
 
 @torch.no_grad()
@@ -132,17 +150,17 @@ def teacher_targets(
     sums = torch.zeros(num_columns, device=device, dtype=torch.float32) if column_sums else None
     block_bytes = block_bytes or default_block_bytes(device)
     with _no_autocast(device):
-        factor, _ = column_scale(weight_v, weight_g)
+        factor, _ = column_scale(weight_v, weight_g, 1.0 / temperature)
         weight, h = weight_v.detach().to(compute_dtype), features.detach().to(compute_dtype)
-        shift = center.reshape(-1).float()
+        center = center.reshape(-1).float()
+        shift = center / temperature
         row_max = torch.full((num_rows,), -torch.inf, device=device)
         for cols in column_blocks(num_rows, num_columns, block_bytes):
-            block = _block_logits(h, weight, factor, cols)
-            if sums is not None:
-                sums[cols] = block.sum(dim=0)
-            block.sub_(shift[cols]).div_(temperature)
+            # The sharpened logits (s - center) / T go straight into their place in probs.
+            block = _block_logits(h, weight, factor, cols, out=probs[:, cols]).sub_(shift[cols])
+            if sums is not None:  # sum over rows of s = T * sum of the block + J * center
+                sums[cols] = block.sum(dim=0).mul_(temperature).add_(center[cols], alpha=num_rows)
             torch.maximum(row_max, block.amax(dim=1), out=row_max)
-            probs[:, cols] = block
         step = max(1, block_bytes // (4 * max(num_columns, 1)))
         for first in range(0, num_rows, step):  # softmax rows, a cache-sized chunk at a time
             rows = probs[first : first + step]
@@ -209,16 +227,15 @@ class _SoftCrossEntropyTerms(torch.autograd.Function):
         row_max = torch.full((num_rows,), -torch.inf, device=device)
         row_sum = torch.zeros(num_rows, device=device)
         for cols in column_blocks(num_rows, num_columns, block_bytes):
-            logits = _block_logits(h, weight, factor, cols)
-            if stored is not None:
-                stored[:, cols] = logits
+            logits = _block_logits(h, weight, factor, cols, out=None if stored is None else stored[:, cols])
             for target, dot, same in zip(targets, dots, identity, strict=True):
                 if target.rows.numel():
                     picked = logits if same else logits[target.rows]
                     dot += (target.probs[:, cols] * picked).sum(dim=1)
-            # Running log-sum-exp: rescale the sum kept so far to the new row maximum.
+            # Running log-sum-exp: rescale the sum kept so far to the new row maximum (kept logits stay intact).
             new_max = torch.maximum(row_max, logits.amax(dim=1))
-            row_sum.mul_((row_max - new_max).exp_()).add_(logits.sub_(new_max[:, None]).exp_().sum(dim=1))
+            shifted = logits.sub_(new_max[:, None]) if stored is None else logits - new_max[:, None]
+            row_sum.mul_((row_max - new_max).exp_()).add_(shifted.exp_().sum(dim=1))
             row_max = new_max
         lse = row_max + row_sum.log()
         losses = (
@@ -259,8 +276,11 @@ class _SoftCrossEntropyTerms(torch.autograd.Function):
         grad_g = fresh(num_columns, device=device) if ctx.needs_input_grad[2] else None
         with _no_autocast(device):
             for cols in column_blocks(num_rows, num_columns if entries else 0, ctx.block_bytes, dim):
-                logits = _block_logits(h, weight, factor, cols) if ctx.stored is None else ctx.stored[:, cols]
-                grad = logits.sub(lse[:, None]).exp_().mul_(coefficient[:, None])
+                if ctx.stored is None:
+                    grad = _block_logits(h, weight, factor, cols).sub_(lse[:, None])
+                else:
+                    grad = ctx.stored[:, cols] - lse[:, None]
+                grad.exp_().mul_(coefficient[:, None])
                 for target, negative, same in entries:
                     if same:
                         grad.addcmul_(target.probs[:, cols], negative)
@@ -268,8 +288,10 @@ class _SoftCrossEntropyTerms(torch.autograd.Function):
                         grad.index_add_(0, target.rows, target.probs[:, cols] * negative)
                 # s = scale * h @ W.T with W = g v / ||v||: dL/dW = scale * G.T h; dL/dh = (G * factor) @ v.
                 grad_w = torch.mm(grad.t().to(compute), h).float().mul_(ctx.scale)
-                grad.mul_(factor[cols])
-                grad_features += torch.mm(grad.to(compute), weight[cols]).float()
+                if _factor_on_weight(h):
+                    grad_features += torch.mm(grad.to(compute), _scaled_rows(weight, factor, cols, compute)).float()
+                else:
+                    grad_features += torch.mm(grad.mul_(factor[cols]).to(compute), weight[cols]).float()
                 # Weight norm: dL/dg = M . v_hat; dL/dv = g / ||v|| (M - (M . v_hat) v_hat).
                 v, norm, g = weight_v.detach()[cols].float(), norms[cols], gain[cols]
                 along = (grad_w * v).sum(dim=1) / norm
