@@ -246,11 +246,7 @@ def _teacher_phases(trainer: Any, images: Any, positions: Any, values: Any, cloc
         head = trainer.teacher.head
         neighbours = used_neighbours(trainer, matches, values)
         with autocast(trainer):
-            features = (
-                head.bottleneck(cls),
-                head.bottleneck(objects.transpose(0, 1).flatten(0, 1)),
-                head.bottleneck(neighbours),
-            )
+            features = head.bottlenecks(cls, objects.transpose(0, 1).flatten(0, 1), neighbours)
         clock.lap("teacher_head_mlp")
         targets = teacher_targets(trainer, features, matches.cycle_mask, values)
         clock.lap("teacher_targets")

@@ -380,6 +380,22 @@ def test_projection_head_weight_norm_and_separate_last_layers() -> None:
     torch.testing.assert_close(head(features), bottleneck @ (v / v.norm(dim=1, keepdim=True)).T)
 
 
+@pytest.mark.parametrize("use_bn", [False, True])
+def test_projection_head_bottlenecks_equal_separate_calls(use_bn: bool) -> None:
+    torch.manual_seed(0)
+    head = ProjectionHead(16, 32, 24, hidden_dim=64, bottleneck_dim=8, use_bn=use_bn).train()
+    inputs = (torch.randn(3, 16), torch.randn(7, 16), torch.randn(0, 16))
+    together = head.bottlenecks(*inputs)
+    assert [t.shape for t in together] == [(3, 8), (7, 8), (0, 8)]
+    for joint, x in zip(together, inputs, strict=True):
+        # With batch norm each input keeps its own batch statistics; without, rows are independent.
+        if x.shape[0] > 1 or not use_bn:
+            torch.testing.assert_close(joint, head.bottleneck(x), rtol=1e-5, atol=1e-6)
+    if not use_bn:  # one batch: its rows equal the separate calls, and gradients reach the MLP through each part
+        together[1].sum().backward()
+        assert all(p.grad is not None for p in head.mlp.parameters())
+
+
 def test_projection_head_variants() -> None:
     assert isinstance(ProjectionHead(12, 7, 9, num_layers=1, bottleneck_dim=6).mlp, nn.Linear)
     with_bn: Any = ProjectionHead(12, 7, 9, hidden_dim=16, bottleneck_dim=6, use_bn=True)

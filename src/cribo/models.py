@@ -353,6 +353,7 @@ class ProjectionHead(nn.Module):
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"num_layers must be at least 1, got {num_layers}")
+        self.use_bn = use_bn
         self.mlp = _head_mlp(in_dim, hidden_dim, bottleneck_dim, num_layers, use_bn)
         self.mlp.apply(_init_linear)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
@@ -364,6 +365,15 @@ class ProjectionHead(nn.Module):
     def bottleneck(self, x: Tensor) -> Tensor:
         """Shared part: (R, D) -> (R, bottleneck_dim), L2-normalised rows."""
         return F.normalize(self.mlp(x), dim=-1)
+
+    def bottlenecks(self, *inputs: Tensor) -> tuple[Tensor, ...]:
+        """:meth:`bottleneck` of each ``(R_i, D)`` input. Without batch norm the rows are independent, so the inputs
+        go through the MLP as one batch (wider matrix products, one weight-gradient product per layer: ~25 % less
+        time for the student's [CLS] + objects); with batch norm each input is its own batch, as in separate calls.
+        """
+        if self.use_bn or len(inputs) < 2:
+            return tuple(self.bottleneck(x) for x in inputs)
+        return self.bottleneck(torch.cat(inputs)).split([x.shape[0] for x in inputs])
 
     def forward(self, x: Tensor) -> Tensor:
         """Global logits: [CLS] features (R, D) -> (R, C) through ``last_layer``."""

@@ -209,8 +209,8 @@ def student_features(network: CrIBoNetwork, tokens: Tensor, assignment: Tensor, 
     teacher's assignment (2n,d), view-major."""
     cls, patches = split_tokens(tokens, assignment.shape[0])
     objects, _ = select_valid(pool_objects(patches, assignment.to(patches.dtype)), valid)
-    head = network.head
-    return head.bottleneck(cls), head.bottleneck(objects.transpose(0, 1).flatten(0, 1))
+    global_features, object_features = network.head.bottlenecks(cls, objects.transpose(0, 1).flatten(0, 1))
+    return global_features, object_features
 
 
 def split_tokens(tokens: Tensor, num_images: int) -> tuple[Tensor, Tensor]:
@@ -588,11 +588,10 @@ def teacher_side(trainer: Trainer, images: Tensor, positions: Tensor, values: St
     head = trainer.teacher.head
     neighbours = used_neighbours(trainer, matches, values)
     with autocast(trainer):
-        features = (
-            head.bottleneck(cls),
-            head.bottleneck(objects.transpose(0, 1).flatten(0, 1)),
-            head.bottleneck(neighbours),
+        global_features, object_features, neighbour_features = head.bottlenecks(
+            cls, objects.transpose(0, 1).flatten(0, 1), neighbours
         )
+    features = (global_features, object_features, neighbour_features)
     return TeacherOutput(
         targets=teacher_targets(trainer, features, matches.cycle_mask, values),
         assignment=assignment,
