@@ -116,13 +116,12 @@ def skip_dropped_samples(x: Tensor, branch: Callable[[Tensor], Tensor], drop: nn
     scale = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep_prob)
     if keep_prob > 0.0 and drop.scale_by_keep:
         scale.div_(keep_prob)
-    if x.device.type != "cpu":
-        return x + branch(x) * scale
-    kept = scale.view(-1).nonzero().view(-1)
-    if kept.shape[0] == x.shape[0]:
-        return x + branch(x) * scale
-    # The branch still runs (on no rows when all are dropped), so every parameter takes part in the backward.
-    return x.index_add(0, kept, branch(x[kept]) * scale[kept])
+    if x.device.type == "cpu":
+        kept = scale.view(-1).nonzero().view(-1)
+        if kept.shape[0] < x.shape[0]:
+            # The branch still runs (on no rows when all are dropped): every parameter takes part in the backward.
+            return x.index_add(0, kept, branch(x[kept]) * scale[kept])
+    return x + branch(x) * scale
 
 
 class SampleDropBlock(Block):
