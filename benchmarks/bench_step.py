@@ -175,9 +175,13 @@ def build_step_trainer(
     setting: StepSetting, device: str, threads: int, dino: bool = False, keep_freed_memory: bool = True
 ) -> Any:
     """A Trainer (``cribo.train.build_trainer``) placed at the first step of epoch 1 (cross-image term on)."""
+    from cribo.runtime import keep_freed_memory as keep_freed
     from cribo.train import build_trainer
 
-    trainer = build_trainer(train_config(setting, device, threads, dino=dino, keep_freed_memory=keep_freed_memory))
+    config = train_config(setting, device, threads, dino=dino, keep_freed_memory=keep_freed_memory)
+    if keep_freed_memory and config.run.device == "cpu":
+        keep_freed()  # what `cribo train` does on CPU
+    trainer = build_trainer(config)
     trainer.epoch = 1
     trainer.step = trainer.iters_per_epoch
     return trainer
@@ -789,7 +793,7 @@ def malloc_section(cribo: dict[str, dict[str, Any]], kept: dict[str, dict[str, A
         "`mmap` and unmaps it when freed, so each large temporary is page-faulted in again. The step avoids "
         "such temporaries (fused head losses in small column blocks, targets in a workspace kept between steps, "
         "the fused AdamW kernel), and on CPU `build_trainer` asks glibc to keep freed memory for reuse "
-        "(`mallopt(M_MMAP_THRESHOLD / M_TRIM_THRESHOLD, 2 GiB)`, `cribo.train.keep_freed_memory`, on by default, "
+        "(`mallopt(M_MMAP_THRESHOLD / M_TRIM_THRESHOLD, 2 GiB)`, `cribo.runtime.keep_freed_memory`, on by default, "
         "`--keep_freed_memory false` turns it off). The right-hand columns are the same step with it off "
         "(glibc's defaults), to size what it buys and what it costs in memory.",
         common.markdown_table(headers, rows),

@@ -41,8 +41,6 @@ DEFAULT_THREADS = 2  # the authors' figures were taken with 2 threads on a 2-cor
 MIB = 2**20
 WORKER_TIMEOUT_S = 1800
 BUSY_LOAD = 1.5  # 1-min load average above which a 2-core machine is flagged as busy
-M_TRIM_THRESHOLD = -1  # glibc mallopt parameter numbers (malloc.h)
-M_MMAP_THRESHOLD = -3
 
 
 # ------------------------------------------------------------------------------------------------ machine
@@ -316,27 +314,6 @@ class PeakRise:
             self.rise_mib = torch.cuda.max_memory_allocated(self.device) / MIB - self.baseline_mib
         else:
             self.rise_mib = peak_rss_mib() - self.baseline_mib
-
-
-def keep_freed_memory() -> bool:
-    """Ask glibc malloc to keep freed blocks instead of unmapping them (a diagnostic, not the library's default).
-
-    By default glibc serves every allocation above 32 MiB with a fresh ``mmap`` and unmaps it on free, so each
-    large temporary tensor is page-faulted in again (kernel time). Raising ``M_MMAP_THRESHOLD`` and
-    ``M_TRIM_THRESHOLD`` to 2 GiB keeps them in the heap for reuse. Returns False where ``mallopt`` is absent.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if not name or not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        limit = ctypes.c_int(2**31 - 1)
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, limit)) and bool(libc.mallopt(M_TRIM_THRESHOLD, limit))
-    except (OSError, AttributeError):
-        return False
 
 
 @dataclass

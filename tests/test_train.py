@@ -198,7 +198,7 @@ def test_two_process_run_shares_banks_and_weights(tmp_path: Path) -> None:
 
 
 def test_keep_freed_memory_is_a_run_flag_applied_on_cpu() -> None:
-    from cribo.train import keep_freed_memory
+    from cribo.runtime import keep_freed_memory
 
     assert config_lib.resolve(overrides={"keep_freed_memory": False}).run.keep_freed_memory is False
     assert config_lib.TrainConfig().run.keep_freed_memory is True

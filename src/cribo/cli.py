@@ -8,9 +8,12 @@ import sys
 import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, get_args, get_origin
+from typing import TYPE_CHECKING, Any, get_args, get_origin
 
 from cribo import distributed
+
+if TYPE_CHECKING:
+    from cribo.config import TrainConfig
 
 logger = logging.getLogger("cribo")
 
@@ -68,12 +71,22 @@ def command_train(args: argparse.Namespace) -> int:
     distributed.init()
     try:
         cfg = config_lib.resolve(args.preset, args.config, args.args_json, collect_overrides(args))
+        prepare_process(cfg)
         result = train(cfg, progress_bar=not args.no_progress)
     finally:
         distributed.shutdown()
     if distributed.is_main_process():
         print(summary_text(result.output_dir, result.history, result.epoch, result.step))
     return 0
+
+
+def prepare_process(cfg: TrainConfig) -> None:
+    """Process-wide settings a training run asks for: glibc keeps freed memory on CPU (``run.keep_freed_memory``)."""
+    from cribo import runtime
+
+    on_cpu = runtime.resolve_device(cfg.run.device).type == "cpu"
+    if cfg.run.keep_freed_memory and on_cpu and runtime.keep_freed_memory():
+        logger.debug("glibc malloc keeps freed memory (run.keep_freed_memory)")
 
 
 def summary_text(output_dir: Path, history: list[dict[str, float]], epoch: int, step: int) -> str:
@@ -110,6 +123,7 @@ def command_demo(args: argparse.Namespace) -> int:
         f"{cfg.model.depth or 'full'}) on the built-in synthetic scenes for {cfg.optim.epochs} epochs on "
         f"{cfg.run.device}; output in {cfg.run.output_dir}"
     )
+    prepare_process(cfg)
     result = train(cfg, progress_bar=not args.no_progress)
     figure = plot_training_curves(result.history, result.output_dir / "training_curves.png")
     print(summary_text(result.output_dir, result.history, result.epoch, result.step))

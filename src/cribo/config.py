@@ -119,7 +119,7 @@ class RunConfig:
     log_every: int = 10  # a JSON line in log.txt every N steps
     max_steps: int = 0  # stop after this many global steps (0 = run all epochs); for smoke tests
     threads: int = 0  # torch CPU threads (0 = torch's default)
-    keep_freed_memory: bool = True  # CPU: glibc keeps freed memory for reuse (no page faults per step; see train.py)
+    keep_freed_memory: bool = True  # CPU: glibc keeps freed memory for reuse (no page faults per step; see runtime.py)
 
 
 @dataclass(frozen=True)

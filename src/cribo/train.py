@@ -11,12 +11,9 @@ weights bit for bit on CPU.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import json
 import logging
 import resource
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -37,6 +34,7 @@ from cribo.losses import CrIBoLoss, StepTargets, cross_image_entries, student_te
 from cribo.matching import CrossImageMatches, match_objects
 from cribo.memory import ObjectMemoryBank
 from cribo.models import CrIBoNetwork, ProjectionHead, create_backbone
+from cribo.runtime import autocast_dtype, resolve_device
 from cribo.schedules import (
     last_layer_frozen,
     lr_schedule,
@@ -250,29 +248,6 @@ class Schedules:
         )
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA (this process's local rank) when present, else CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", distributed.launch_info().local_rank)
-        return torch.device("cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(f"--device {name!r} is not a torch device (try auto, cpu, cuda, cuda:0)") from err
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``--precision`` on ``device`` (None = full fp32)."""
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
-        return None
-    if precision == "fp16":
-        return torch.float16 if device.type == "cuda" else torch.bfloat16
-    if precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16
-    return torch.float16
-
-
 # --------------------------------------------------------------------------------------------------------------
 # The run's state
 # --------------------------------------------------------------------------------------------------------------
@@ -319,36 +294,9 @@ def build_criterion(config: TrainConfig) -> CrIBoLoss:
     )
 
 
-GLIBC_M_TRIM_THRESHOLD = -1  # mallopt parameter numbers (glibc malloc.h)
-GLIBC_M_MMAP_THRESHOLD = -3
-KEEP_FREED_BYTES = 2**31 - 1
-
-
-def keep_freed_memory() -> bool:
-    """Ask glibc malloc to keep freed memory in the heap for reuse, for the whole process.
-
-    By default glibc serves each allocation above 32 MiB with a fresh ``mmap`` and returns it to the system on
-    free (and trims the heap), so the same large tensors are page-faulted and zeroed again at every step; on a
-    2-core CPU that costs 5-10 % of a step. Raising ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` keeps that
-    memory: the resident set stays at its peak (the step's peak is unchanged, about +40 MiB in the benchmarks).
-    Turned off with ``run.keep_freed_memory: false``. Returns whether it applied (Linux with glibc only).
-    """
-    name = ctypes.util.find_library("c")
-    if not name or not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        limit = ctypes.c_int(KEEP_FREED_BYTES)
-        return bool(libc.mallopt(GLIBC_M_MMAP_THRESHOLD, limit)) and bool(libc.mallopt(GLIBC_M_TRIM_THRESHOLD, limit))
-    except (OSError, AttributeError):
-        return False
-
-
 def build_trainer(config: TrainConfig) -> Trainer:
     """Construct networks, loss, bank, optimiser, data and schedules from the configuration."""
     device = resolve_device(config.run.device)
-    if config.run.keep_freed_memory and device.type == "cpu" and keep_freed_memory():
-        logger.debug("glibc malloc keeps freed memory (run.keep_freed_memory)")
     world, rank = distributed.world_size(), distributed.rank()
     torch.manual_seed(config.run.seed)  # identical initial weights on every process
     student = build_network(config, config.model.drop_path_rate, config.model.norm_last_layer).to(device)

@@ -51,6 +51,7 @@ from cribo.eval.nn_retrieval import (
     SearchMethod,
     evaluate_nn,
 )
+from cribo.runtime import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -206,18 +207,6 @@ class _Context:
     input_size: int
     identity: dict[str, Any]
     cache_id: str
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> the current accelerator when one is available, else CPU; anything else as torch reads it."""
-    if name != "auto":
-        return torch.device(name)
-    accelerator = getattr(torch, "accelerator", None)
-    if accelerator is not None and accelerator.is_available():
-        current = accelerator.current_accelerator()
-        if current is not None:
-            return torch.device(current)
-    return torch.device("cpu")
 
 
 def default_split(dataset: DatasetName, root: str | None, role: Literal["train", "val"]) -> str:
