@@ -1,4 +1,5 @@
-"""Tests for cribo.data.scenes: determinism, splits, labels consistent with pixels, class-free appearance."""
+"""Tests for cribo.data.scenes: determinism, splits, labels consistent with pixels, class-free colour (both class
+cues), class-free outline and texture (shape cue), class patterns on smooth backgrounds (texture cue)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cribo.data.scenes import SHAPES, TEXTURES, SyntheticScenes
+from cribo.data.scenes import OUTLINES, PATTERNS, SHAPES, TEXTURES, SyntheticScenes
 
 
 def _scene_bytes(dataset: SyntheticScenes, index: int) -> tuple[bytes, bytes]:
@@ -46,15 +47,20 @@ def test_item_types_and_shapes(image_size: int) -> None:
 
 def test_class_metadata() -> None:
     dataset = SyntheticScenes("train", 1)
+    assert dataset.class_cue == "texture"
     assert dataset.num_classes == 7 == len(dataset.class_names)
     assert dataset.class_names[0] == "background"
-    assert dataset.class_names[1:] == tuple(SHAPES)[:6]
-    fewer = SyntheticScenes("train", 1, num_object_classes=3)
+    assert dataset.class_names[1:] == tuple(PATTERNS)[:6]
+    shapes = SyntheticScenes("train", 1, class_cue="shape")
+    assert shapes.class_names[1:] == tuple(SHAPES)[:6]
+    fewer = SyntheticScenes("train", 1, class_cue="shape", num_object_classes=3)
     assert fewer.class_names == ("background", "disc", "square", "triangle")
+    assert SyntheticScenes("train", 1, num_object_classes=2).class_names == ("background", "stripes", "checker")
 
 
-def test_every_class_appears_and_images_hold_several_objects() -> None:
-    dataset = SyntheticScenes("train", 30, image_size=64)
+@pytest.mark.parametrize(("class_cue", "min_objects"), [("texture", 3.5), ("shape", 2.5)])
+def test_every_class_appears_and_images_hold_several_objects(class_cue: str, min_objects: float) -> None:
+    dataset = SyntheticScenes("train", 30, image_size=64, class_cue=class_cue)  # type: ignore[arg-type]
     seen: set[int] = set()
     objects_per_image = []
     for index in range(len(dataset)):
@@ -62,12 +68,12 @@ def test_every_class_appears_and_images_hold_several_objects() -> None:
         seen.update(np.unique(scene.mask).tolist())
         objects_per_image.append(len(np.unique(scene.instances)) - 1)
     assert seen == set(range(dataset.num_classes))
-    assert np.mean(objects_per_image) >= 2.5
+    assert np.mean(objects_per_image) >= min_objects
 
 
 def test_mask_matches_pixels_in_flat_colour_rendering() -> None:
-    textured = SyntheticScenes("val", 6, seed=5)
-    flat = SyntheticScenes("val", 6, seed=5, textures=("flat",), pixel_noise=0.0)
+    textured = SyntheticScenes("val", 6, seed=5, class_cue="shape")
+    flat = SyntheticScenes("val", 6, seed=5, class_cue="shape", textures=("flat",), pixel_noise=0.0)
     for index in range(len(flat)):
         scene, reference = flat.scene(index), textured.scene(index)
         # Geometry and appearance use separate streams: the outlines do not depend on the texture family.
@@ -83,8 +89,8 @@ def test_mask_matches_pixels_in_flat_colour_rendering() -> None:
         assert len(set(region_colours)) == len(region_colours)  # every region distinguishable by colour
 
 
-def test_colour_and_texture_do_not_determine_the_class() -> None:
-    dataset = SyntheticScenes("train", 60, image_size=64)
+def test_shape_cue_colour_and_texture_do_not_determine_the_class() -> None:
+    dataset = SyntheticScenes("train", 60, image_size=64, class_cue="shape")
     colours: dict[int, list[np.ndarray]] = {c: [] for c in range(1, dataset.num_classes)}
     textures: dict[int, set[str]] = {c: set() for c in range(1, dataset.num_classes)}
     for index in range(len(dataset)):
@@ -130,7 +136,12 @@ def test_write_to_disk_round_trips(tmp_path: Path) -> None:
         ({"split": "train", "num_images": 1, "image_size": 8}, "image_size"),
         ({"split": "train", "num_images": 1, "seed": -2}, "seed"),
         ({"split": "train", "num_images": 1, "num_object_classes": 0}, "num_object_classes"),
-        ({"split": "train", "num_images": 1, "num_object_classes": len(SHAPES) + 1}, "num_object_classes"),
+        ({"split": "train", "num_images": 1, "num_object_classes": len(PATTERNS) + 1}, "num_object_classes"),
+        (
+            {"split": "train", "num_images": 1, "class_cue": "shape", "num_object_classes": len(SHAPES) + 1},
+            "num_object_classes",
+        ),
+        ({"split": "train", "num_images": 1, "class_cue": "colour"}, "class_cue"),
         ({"split": "train", "num_images": 1, "objects_per_image": (3, 2)}, "objects_per_image"),
         ({"split": "train", "num_images": 1, "object_size": (0.3, 0.1)}, "object_size"),
         ({"split": "train", "num_images": 1, "textures": ("plaid",)}, "textures"),
@@ -156,15 +167,71 @@ def test_index_out_of_range_raises_index_error() -> None:
 
 def test_repr_and_texture_family() -> None:
     text = repr(SyntheticScenes("val", 10, image_size=64, seed=4))
-    for fragment in ("SyntheticScenes(", "split='val'", "num_images=10", "image_size=64", "seed=4", "star"):
+    for fragment in ("SyntheticScenes(", "split='val'", "num_images=10", "image_size=64", "seed=4", "rings", "texture"):
         assert fragment in text
     assert set(TEXTURES) >= {"flat", "stripes", "checkerboard", "dots", "noise", "gradient"}
 
 
-def test_generation_is_fast() -> None:
-    dataset = SyntheticScenes("train", 20, image_size=96)
+@pytest.mark.parametrize("class_cue", ["texture", "shape"])
+def test_generation_is_fast(class_cue: str) -> None:
+    dataset = SyntheticScenes("train", 20, image_size=96, class_cue=class_cue)  # type: ignore[arg-type]
     start = time.perf_counter()
     for index in range(len(dataset)):
         dataset[index]
     # Target is < 5 ms per 96 px image; the bound leaves a wide margin for slow CI machines.
     assert (time.perf_counter() - start) / len(dataset) < 0.05
+
+
+# ------------------------------------------------------------------------------------------------ texture cue
+
+
+def _instance_pixels(scene_image: np.ndarray, instances: np.ndarray, instance_id: int) -> np.ndarray:
+    return scene_image[instances == instance_id].reshape(-1, 3)
+
+
+def test_texture_cue_objects_show_their_pattern_in_two_colours_on_a_smooth_background() -> None:
+    dataset = SyntheticScenes("val", 12, image_size=96, seed=1, pixel_noise=0.0)
+    for index in range(len(dataset)):
+        scene = dataset.scene(index)
+        classes = np.array([0, *(obj.class_index for obj in scene.objects)])
+        np.testing.assert_array_equal(scene.mask, classes[scene.instances])
+        for instance_id, obj in enumerate(scene.objects, start=1):
+            assert obj.texture == dataset.class_names[obj.class_index]
+            assert obj.outline in OUTLINES
+            pixels = _instance_pixels(scene.image, scene.instances, instance_id)
+            if len(pixels) >= 30:  # a pattern of two colours, both visible
+                colours, counts = np.unique(pixels, axis=0, return_counts=True)
+                assert len(colours) == 2 and counts.min() >= 3, (index, instance_id, len(colours))
+        # The background changes slowly: neighbouring background pixels differ by a few levels at most.
+        image = scene.image.astype(np.int64)
+        both = (scene.instances[:, 1:] == 0) & (scene.instances[:, :-1] == 0)
+        step = np.abs(image[:, 1:] - image[:, :-1]).max(axis=-1)[both]
+        assert np.percentile(step, 99) <= 12
+
+
+def test_texture_cue_colour_does_not_determine_the_class() -> None:
+    dataset = SyntheticScenes("train", 60, image_size=64)
+    colours: dict[int, list[np.ndarray]] = {c: [] for c in range(1, dataset.num_classes)}
+    outlines: dict[int, set[str]] = {c: set() for c in range(1, dataset.num_classes)}
+    for index in range(len(dataset)):
+        scene = dataset.scene(index)
+        for instance_id, obj in enumerate(scene.objects, start=1):
+            pixels = _instance_pixels(scene.image, scene.instances, instance_id)
+            if len(pixels):
+                colours[obj.class_index].append(pixels.mean(axis=0))
+                outlines[obj.class_index].add(obj.outline)
+    class_means = []
+    for class_index, values in colours.items():
+        per_instance = np.stack(values)
+        assert len(per_instance) >= 20
+        assert per_instance.std(axis=0).min() > 25.0, dataset.class_names[class_index]
+        assert outlines[class_index] == set(OUTLINES), dataset.class_names[class_index]
+        class_means.append(per_instance.mean(axis=0))
+    assert np.ptp(np.stack(class_means), axis=0).max() < 40.0  # no class is redder/greener than the others
+
+
+def test_shape_cue_keeps_the_pre_issue_13_layout() -> None:
+    shapes = SyntheticScenes("train", 1, class_cue="shape")
+    assert (shapes.objects_per_image, shapes.object_size, shapes.max_occlusion) == ((3, 5), (0.12, 0.26), 0.4)
+    scene = shapes.scene(0)
+    assert all(obj.outline == shapes.class_names[obj.class_index] for obj in scene.objects)

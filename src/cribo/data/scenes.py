@@ -1,14 +1,23 @@
 """Built-in synthetic scenes: seeded, procedurally drawn scene images with per-pixel class labels.
 
-Each image holds a few objects on a textured background. An object's class is its SHAPE (disc, square,
-triangle, star, ring, cross, ...); its size, rotation, position, colours and texture (flat, stripes,
-checkerboard, dots, noise, gradient) are drawn per instance independently of the class, and the background
-draws its texture from the same family, so neither colour nor texture nor position tells the class: only
-shape and structure (and hence context beyond one patch) do. Objects overlap; the mask shows the top one.
+Each image holds several objects on a background. Two ways of defining an object's class (``class_cue``):
 
-Everything is generated lazily from ``(seed, split, index)``: no download, no cache, the same bytes on
-every call. Geometry and appearance use two independent random streams, so restricting ``textures`` (e.g.
-to ``("flat",)`` for a debugging view) keeps every object's class, position and outline.
+* ``"texture"`` (the default): the class is a TEXTURE PATTERN of the object's surface (stripes, checker,
+  dots, concentric rings about the object's centre, radial spokes, a grid of lines). Both colours of the
+  pattern, its period, phase and orientation, the object's outline (any shape of ``SHAPES``), size and
+  position are drawn per instance independently of the class, and the background is a smooth field (flat,
+  gradient, low-frequency noise) of random colours. Colour statistics therefore say nothing about the class,
+  while a patch of a few pixels shows the pattern: the class is learnable at the resolution of a ViT's patch
+  tokens, and every scene holds several classes shared with other scenes.
+* ``"shape"``: the class is the object's SHAPE (disc, square, triangle, star, ring, cross, ...); size,
+  rotation, position, colours and texture (flat, stripes, checkerboard, dots, noise, gradient) are drawn per
+  instance independently of the class, and the background draws its texture from the same family, so only
+  the outline tells the class. This was the default until issue 13; a few CPU minutes learn nothing of it.
+
+Objects overlap; the mask shows the top one. Everything is generated lazily from ``(seed, split, index)``: no
+download, no cache, the same bytes on every call. Geometry and appearance use two independent random streams,
+so restricting ``textures`` (``"shape"`` cue, e.g. to ``("flat",)`` for a debugging view) keeps every
+object's class, position and outline.
 
 Axis letters: H image height, W image width (pixels), 3 RGB channels; h, w a sub-window of the image.
 """
@@ -18,14 +27,14 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, get_args
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["SHAPES", "TEXTURES", "Scene", "SceneObject", "SyntheticScenes"]
+__all__ = ["PATTERNS", "SHAPES", "TEXTURES", "Scene", "SceneObject", "SyntheticScenes"]
 
 logger = logging.getLogger(__name__)
 
@@ -175,6 +184,113 @@ TEXTURES: tuple[str, ...] = ("flat", "stripes", "checkerboard", "dots", "noise",
 
 
 # --------------------------------------------------------------------------------------------------------
+# Class patterns (``class_cue="texture"``): a weight field in [0, 1] that mixes the instance's two colours.
+# Arguments: u, v pixel offsets from the object's centre along its (random) orientation, (h, w) each after
+# broadcasting; ``period`` in pixels; ``phase`` in [0, 1). Periods are drawn per instance from
+# ``PATTERN_PERIOD_PX`` (scaled with the image), so every pattern spans about one ViT patch of 8 px.
+# --------------------------------------------------------------------------------------------------------
+PATTERN_PERIOD_PX = (4.0, 6.5)  # pattern period at REFERENCE_SIZE (our choice: 1.2-2 periods per 8-px patch)
+SPOKES_PER_TURN = (6, 10)  # inclusive range of the spokes pattern's sector pairs (our choice)
+LINE_WIDTH = 0.3  # grid: line width as a fraction of the period (our choice)
+DOT_RADIUS = 0.3  # dots: dot radius as a fraction of the spacing (our choice)
+MIN_PATTERN_CONTRAST = 110.0  # Euclidean RGB distance between an instance's two colours, 0..441 (our choice)
+COLOUR_TRIES = 16  # colour pairs drawn to find one with that contrast (our choice)
+
+
+def _stripes_pattern(u: Array, v: Array, period: float, phase: float) -> Array:
+    return np.broadcast_to(np.mod(u / period + phase, 1.0) < 0.5, np.broadcast_shapes(u.shape, v.shape))
+
+
+def _checker_pattern(u: Array, v: Array, period: float, phase: float) -> Array:
+    cell = period / 2  # one period = two cells
+    return (np.floor(u / cell + phase) + np.floor(v / cell + phase)) % 2 == 0
+
+
+def _dots_pattern(u: Array, v: Array, period: float, phase: float) -> Array:
+    du, dv = np.mod(u / period + phase, 1.0) - 0.5, np.mod(v / period + phase, 1.0) - 0.5
+    return du * du + dv * dv <= DOT_RADIUS * DOT_RADIUS
+
+
+def _rings_pattern(u: Array, v: Array, period: float, phase: float) -> Array:
+    return np.mod(np.sqrt(u * u + v * v) / period + phase, 1.0) < 0.5
+
+
+def _spokes_pattern(u: Array, v: Array, period: float, phase: float) -> Array:
+    low, high = SPOKES_PER_TURN  # the period's position in its range picks the number of spokes
+    span = PATTERN_PERIOD_PX[1] - PATTERN_PERIOD_PX[0]
+    fraction = float(np.clip((period - PATTERN_PERIOD_PX[0]) / span, 0.0, 1.0)) if span > 0 else 0.0
+    spokes = low + round(fraction * (high - low))
+    return np.mod(np.arctan2(v, u) * spokes / (2 * np.pi) + phase, 1.0) < 0.5
+
+
+def _grid_pattern(u: Array, v: Array, period: float, phase: float) -> Array:
+    return (np.mod(u / period + phase, 1.0) < LINE_WIDTH) | (np.mod(v / period + phase, 1.0) < LINE_WIDTH)
+
+
+PatternFn = Callable[[Array, Array, float, float], Array]
+# Class order = label order (class k + 1) of the "texture" cue.
+PATTERNS: dict[str, PatternFn] = {
+    "stripes": _stripes_pattern,
+    "checker": _checker_pattern,
+    "dots": _dots_pattern,
+    "rings": _rings_pattern,
+    "spokes": _spokes_pattern,
+    "grid": _grid_pattern,
+}
+# Backgrounds of the "texture" cue: smooth fields, none of which is a class pattern.
+BACKGROUNDS: tuple[str, ...] = ("flat", "gradient", "noise")
+BACKGROUND_NOISE_CELL_PX = (14.0, 28.0)  # cell of the background's value noise at REFERENCE_SIZE (our choice)
+ClassCue = Literal["texture", "shape"]
+# Outlines of the "texture" cue, drawn per instance independently of the class (compact shapes, so that the
+# pattern fills whole patches).
+OUTLINES: tuple[str, ...] = ("disc", "square", "triangle", "star")
+
+
+@dataclass(frozen=True)
+class CueLayout:
+    """How many objects, how large and how hidden, by default, for one class cue."""
+
+    objects_per_image: tuple[int, int]
+    object_size: tuple[float, float]  # outer radius as a fraction of the image side
+    max_occlusion: float
+
+
+CUE_LAYOUTS: dict[str, CueLayout] = {
+    # Several objects of shared classes per scene (issue 13), each about 3-6 patches of 8 px across at 96 px.
+    "texture": CueLayout(objects_per_image=(4, 6), object_size=(0.14, 0.26), max_occlusion=0.3),
+    # The pre-issue-13 scenes, unchanged.
+    "shape": CueLayout(objects_per_image=(3, 5), object_size=(0.12, 0.26), max_occlusion=0.4),
+}
+
+
+def _smooth_field(kind: str, x: Array, y: Array, scale: float, rng: np.random.Generator) -> Array:
+    """A background of the "texture" cue: flat, a linear gradient or low-frequency value noise in two random
+    colours; x (1, w), y (h, 1) pixel-centre coordinates -> (h, w, 3) float64 in [0, 255]."""
+    first, second = rng.uniform(0.0, 255.0, size=3), rng.uniform(0.0, 255.0, size=3)
+    shape = np.broadcast_shapes(x.shape, y.shape)
+    if kind == "flat":
+        return np.broadcast_to(first, (*shape, 3))
+    if kind == "gradient":
+        u, _ = _rotated(x, y, rng.uniform(0.0, 2 * np.pi))
+        low, high = u.min(), u.max()
+        return _mix(np.broadcast_to((u - low) / max(high - low, 1e-6), shape), first, second)
+    if kind == "noise":
+        cell = scale * rng.uniform(*BACKGROUND_NOISE_CELL_PX)
+        return _mix(_value_noise(np.broadcast_to(x, shape), np.broadcast_to(y, shape), cell, rng), first, second)
+    raise ValueError(f"background must be one of {BACKGROUNDS}, got {kind!r}")
+
+
+def _contrasting_colours(rng: np.random.Generator) -> tuple[Array, Array]:
+    """Two uniform random RGB colours (3,) at least ``MIN_PATTERN_CONTRAST`` apart (the first such of
+    ``COLOUR_TRIES`` draws; the most distant draw if none is)."""
+    pairs = rng.uniform(0.0, 255.0, size=(COLOUR_TRIES, 2, 3))
+    distance = np.linalg.norm(pairs[:, 0] - pairs[:, 1], axis=-1)
+    far = np.flatnonzero(distance >= MIN_PATTERN_CONTRAST)
+    pick = int(far[0]) if len(far) else int(np.argmax(distance))
+    return pairs[pick, 0], pairs[pick, 1]
+
+
+# --------------------------------------------------------------------------------------------------------
 # Scenes
 # --------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -187,7 +303,9 @@ class SceneObject:
         radius: outer radius in pixels.
         angle: rotation in radians.
         detail: per-instance structural parameter in [0, 1) (ring thickness, star depth, ...).
-        texture: texture name (set by the appearance stream; empty before).
+        texture: texture name (set by the appearance stream; empty before); the class pattern's name under the
+            ``"texture"`` cue.
+        outline: name of the outline in ``SHAPES`` (the class's shape under the ``"shape"`` cue).
     """
 
     class_index: int
@@ -196,6 +314,7 @@ class SceneObject:
     angle: float
     detail: float
     texture: str = ""
+    outline: str = ""
 
 
 @dataclass(frozen=True)
@@ -252,11 +371,15 @@ class SyntheticScenes:
         num_images: dataset length (>= 0); images are generated on access.
         image_size: side of the square images in pixels (>= 16).
         seed: base seed (>= 0).
-        num_object_classes: number of shape classes, the first ones of ``SHAPES`` (1..len(SHAPES)).
-        objects_per_image: inclusive range of objects attempted per image.
-        object_size: range of the object outer radius as a fraction of ``image_size``.
-        textures: texture family used for both objects and background (subset of ``TEXTURES``).
-        max_occlusion: largest fraction of an object's area that later objects may cover (0..1).
+        class_cue: what defines an object's class: ``"texture"`` (its surface pattern, ``PATTERNS``) or
+            ``"shape"`` (its outline, ``SHAPES``); see the module docstring.
+        num_object_classes: number of classes, the first ones of ``PATTERNS`` or ``SHAPES``.
+        objects_per_image: inclusive range of objects attempted per image (None: the cue's default).
+        object_size: range of the object outer radius as a fraction of ``image_size`` (None: the cue's default).
+        textures: ``"shape"`` cue: texture family used for both objects and background (subset of ``TEXTURES``);
+            the ``"texture"`` cue paints class patterns on smooth backgrounds and ignores it.
+        max_occlusion: largest fraction of an object's area that later objects may cover (0..1; None: the
+            cue's default).
         pixel_noise: standard deviation of Gaussian noise added to every pixel (0..255 scale).
     """
 
@@ -267,13 +390,21 @@ class SyntheticScenes:
         image_size: int = 96,
         seed: int = 0,
         *,
+        class_cue: ClassCue = "texture",
         num_object_classes: int = DEFAULT_NUM_OBJECT_CLASSES,
-        objects_per_image: tuple[int, int] = (3, 5),
-        object_size: tuple[float, float] = (0.12, 0.26),
+        objects_per_image: tuple[int, int] | None = None,
+        object_size: tuple[float, float] | None = None,
         textures: Sequence[str] = TEXTURES,
-        max_occlusion: float = 0.4,
+        max_occlusion: float | None = None,
         pixel_noise: float = 3.0,
     ) -> None:
+        if class_cue not in get_args(ClassCue):
+            raise ValueError(f"class_cue must be one of {get_args(ClassCue)}, got {class_cue!r}")
+        layout = CUE_LAYOUTS[class_cue]
+        objects_per_image = layout.objects_per_image if objects_per_image is None else objects_per_image
+        object_size = layout.object_size if object_size is None else object_size
+        max_occlusion = layout.max_occlusion if max_occlusion is None else max_occlusion
+        names = tuple(PATTERNS) if class_cue == "texture" else tuple(SHAPES)
         if split not in get_args(Split):
             raise ValueError(f"split must be one of {get_args(Split)}, got {split!r}")
         if num_images < 0:
@@ -282,8 +413,10 @@ class SyntheticScenes:
             raise ValueError(f"image_size must be >= 16, got {image_size}")
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
-        if not 1 <= num_object_classes <= len(SHAPES):
-            raise ValueError(f"num_object_classes must be in 1..{len(SHAPES)}, got {num_object_classes}")
+        if not 1 <= num_object_classes <= len(names):
+            raise ValueError(
+                f"num_object_classes must be in 1..{len(names)} for class_cue={class_cue!r}, got {num_object_classes}"
+            )
         if len(objects_per_image) != 2 or not 1 <= objects_per_image[0] <= objects_per_image[1]:
             raise ValueError(
                 f"objects_per_image must be a pair (min, max) with 1 <= min <= max, got {objects_per_image}"
@@ -299,7 +432,8 @@ class SyntheticScenes:
         self.num_images = int(num_images)
         self.image_size = int(image_size)
         self.seed = int(seed)
-        self.shape_names: tuple[str, ...] = tuple(SHAPES)[:num_object_classes]
+        self.class_cue: ClassCue = class_cue
+        self.object_names: tuple[str, ...] = names[:num_object_classes]
         self.objects_per_image = (int(objects_per_image[0]), int(objects_per_image[1]))
         self.object_size = _check_range("object_size", object_size, 1.0 / image_size, 1.0)
         self.textures = tuple(textures)
@@ -312,12 +446,12 @@ class SyntheticScenes:
     @property
     def num_classes(self) -> int:
         """Number of labels including background (class 0)."""
-        return len(self.shape_names) + 1
+        return len(self.object_names) + 1
 
     @property
     def class_names(self) -> tuple[str, ...]:
         """Label names, index = class value in the mask."""
-        return (BACKGROUND_NAME, *self.shape_names)
+        return (BACKGROUND_NAME, *self.object_names)
 
     def __len__(self) -> int:
         return self.num_images
@@ -330,7 +464,8 @@ class SyntheticScenes:
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(split={self.split!r}, num_images={self.num_images}, "
-            f"image_size={self.image_size}, seed={self.seed}, classes={list(self.class_names)}, "
+            f"image_size={self.image_size}, seed={self.seed}, class_cue={self.class_cue!r}, "
+            f"classes={list(self.class_names)}, "
             f"objects_per_image={self.objects_per_image}, object_size={self.object_size}, "
             f"textures={list(self.textures)}, max_occlusion={self.max_occlusion}, pixel_noise={self.pixel_noise})"
         )
@@ -363,13 +498,17 @@ class SyntheticScenes:
         radius = size * rng.uniform(*self.object_size)
         margin = 0.6 * radius  # centres keep most of the object inside the frame
         low, high = min(margin, size / 2), max(size - margin, size / 2)
-        return SceneObject(
-            class_index=int(rng.integers(1, self.num_classes)),
+        class_index = int(rng.integers(1, self.num_classes))
+        obj = SceneObject(
+            class_index=class_index,
             centre=(float(rng.uniform(low, high)), float(rng.uniform(low, high))),
             radius=float(radius),
             angle=float(rng.uniform(0.0, 2 * np.pi)),
             detail=float(rng.random()),
         )
+        if self.class_cue == "shape":
+            return replace(obj, outline=self.object_names[class_index - 1])
+        return replace(obj, outline=OUTLINES[int(rng.integers(len(OUTLINES)))])
 
     def _place_objects(self, rng: np.random.Generator) -> tuple[tuple[SceneObject, ...], Array]:
         """Drop objects one on top of the other, rejecting placements that hide too much of earlier ones.
@@ -384,7 +523,7 @@ class SyntheticScenes:
         for _ in range(int(rng.integers(self.objects_per_image[0], self.objects_per_image[1] + 1))):
             for _ in range(PLACEMENT_TRIES):
                 obj = self._sample_object(rng)
-                window, inside = _shape_window(obj, SHAPES[self.shape_names[obj.class_index - 1]], self._coords, size)
+                window, inside = _shape_window(obj, SHAPES[obj.outline], self._coords, size)
                 area = int(inside.sum())
                 visible = np.bincount(instances.ravel(), minlength=len(full_area))
                 hidden = np.bincount(instances[window][inside], minlength=len(full_area))
@@ -400,7 +539,44 @@ class SyntheticScenes:
     def _paint(
         self, objects: tuple[SceneObject, ...], instances: Array, rng: np.random.Generator
     ) -> tuple[Array, tuple[SceneObject, ...], str]:
-        """Texture the background and every visible object; add pixel noise; return uint8 (H, W, 3)."""
+        """Paint the background and every visible object; add pixel noise; return uint8 (H, W, 3)."""
+        if self.class_cue == "texture":
+            image, painted, background = self._paint_patterns(objects, instances, rng)
+        else:
+            image, painted, background = self._paint_textures(objects, instances, rng)
+        if self.pixel_noise > 0:
+            image += rng.normal(0.0, self.pixel_noise, size=image.shape)
+        return np.clip(np.rint(image), 0, 255).astype(np.uint8), painted, background
+
+    def _paint_patterns(
+        self, objects: tuple[SceneObject, ...], instances: Array, rng: np.random.Generator
+    ) -> tuple[Array, tuple[SceneObject, ...], str]:
+        """``"texture"`` cue: a smooth background, each object filled with its class pattern in two random
+        colours; returns float64 (H, W, 3) in [0, 255] before noise, the painted objects and the background."""
+        size = self.image_size
+        scale = size / REFERENCE_SIZE
+        x, y = self._coords[None, :], self._coords[:, None]
+        background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+        image = np.array(_smooth_field(background, x, y, scale, rng), dtype=np.float64)
+        painted: list[SceneObject] = []
+        for instance_id, obj in enumerate(objects, start=1):
+            name = self.object_names[obj.class_index - 1]
+            first, second = _contrasting_colours(rng)
+            period = scale * rng.uniform(*PATTERN_PERIOD_PX)
+            phase, turn = float(rng.random()), float(rng.uniform(0.0, 2 * np.pi))
+            rows, cols = _bounding_window(obj.centre, obj.radius, size)
+            u, v = _rotated(x[:, cols] - obj.centre[0], y[rows, :] - obj.centre[1], turn)
+            weight = PATTERNS[name](u, v, period, phase).astype(np.float64)
+            visible = instances[rows, cols] == instance_id
+            image[rows, cols][visible] = _mix(weight, first, second)[visible]
+            painted.append(replace(obj, texture=name))
+        return image, tuple(painted), background
+
+    def _paint_textures(
+        self, objects: tuple[SceneObject, ...], instances: Array, rng: np.random.Generator
+    ) -> tuple[Array, tuple[SceneObject, ...], str]:
+        """``"shape"`` cue: background and objects textured from the same family, independently of the class;
+        returns float64 (H, W, 3) in [0, 255] before noise, the painted objects and the background texture."""
         size = self.image_size
         scale = size / REFERENCE_SIZE
         x, y = self._coords[None, :], self._coords[:, None]
@@ -413,10 +589,8 @@ class SyntheticScenes:
             colours = _texture(kind, x[:, cols], y[rows, :], scale, rng)
             visible = instances[rows, cols] == instance_id
             image[rows, cols][visible] = colours[visible]
-            painted.append(SceneObject(obj.class_index, obj.centre, obj.radius, obj.angle, obj.detail, kind))
-        if self.pixel_noise > 0:
-            image += rng.normal(0.0, self.pixel_noise, size=image.shape)
-        return np.clip(np.rint(image), 0, 255).astype(np.uint8), tuple(painted), background
+            painted.append(replace(obj, texture=kind))
+        return image, tuple(painted), background
 
     # ---- export ----------------------------------------------------------------------------------------
     def write_to_disk(self, root: str | Path) -> Path:
