@@ -110,24 +110,20 @@ def summary_text(output_dir: Path, history: list[dict[str, float]], epoch: int, 
 
 
 def command_demo(args: argparse.Namespace) -> int:
-    """Pretrain the tiny preset on the built-in scenes on CPU, then plot the curves."""
+    """Pretrain the tiny preset on the built-in scenes, then score the teacher against its random init."""
     from cribo import config as config_lib
-    from cribo.train import train
-    from cribo.viz import plot_training_curves
+    from cribo import demo
 
     overrides = collect_overrides(args)
     overrides.setdefault("output_dir", "runs/demo")
-    cfg = config_lib.resolve(args.preset or "tiny-cpu", args.config, args.args_json, overrides)
+    cfg = config_lib.resolve(args.preset or demo.DEMO_PRESET, args.config, args.args_json, overrides)
     print(
         f"cribo demo: pretraining {cfg.model.arch} (patch {cfg.model.patch_size}, depth "
         f"{cfg.model.depth or 'full'}) on the built-in synthetic scenes for {cfg.optim.epochs} epochs on "
-        f"{cfg.run.device}; output in {cfg.run.output_dir}"
+        f"{cfg.run.device}, then scoring its dense features against its random init; output in {cfg.run.output_dir}"
     )
     prepare_process(cfg)
-    result = train(cfg, progress_bar=not args.no_progress)
-    figure = plot_training_curves(result.history, result.output_dir / "training_curves.png")
-    print(summary_text(result.output_dir, result.history, result.epoch, result.step))
-    print(f"  curves     : {figure}")
+    print(demo.summary_text(demo.run_demo(cfg, progress_bar=not args.no_progress)))
     return 0
 
 

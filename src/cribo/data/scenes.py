@@ -191,10 +191,24 @@ TEXTURES: tuple[str, ...] = ("flat", "stripes", "checkerboard", "dots", "noise",
 # --------------------------------------------------------------------------------------------------------
 PATTERN_PERIOD_PX = (4.0, 6.5)  # pattern period at REFERENCE_SIZE (our choice: 1.2-2 periods per 8-px patch)
 SPOKES_PER_TURN = (6, 10)  # inclusive range of the spokes pattern's sector pairs (our choice)
-LINE_WIDTH = 0.3  # grid: line width as a fraction of the period (our choice)
-DOT_RADIUS = 0.3  # dots: dot radius as a fraction of the spacing (our choice)
+# Every pattern covers half of its area with each colour, so the mean colour of a patch does not tell the class:
+LINE_WIDTH = 1.0 - 0.5**0.5  # grid: line width / period; the lines cover 1 - (1 - w)^2 = 1/2
+DOT_RADIUS = (0.5 / np.pi) ** 0.5  # dots: dot radius / spacing; the dots cover pi r^2 = 1/2
 MIN_PATTERN_CONTRAST = 110.0  # Euclidean RGB distance between an instance's two colours, 0..441 (our choice)
 COLOUR_TRIES = 16  # colour pairs drawn to find one with that contrast (our choice)
+# Pattern colours with ``palette_size`` > 0: the first n of these (our choice: saturated and far apart in RGB), the
+# same for every split and seed, each instance taking two distinct ones. A small palette makes colour a poor cue
+# of which instance is which, so that what tells objects apart across views is their pattern.
+PALETTE: tuple[tuple[int, int, int], ...] = (
+    (230, 40, 40),
+    (40, 90, 230),
+    (250, 220, 40),
+    (30, 30, 30),
+    (240, 240, 240),
+    (40, 180, 70),
+    (200, 60, 220),
+    (250, 140, 20),
+)
 
 
 def _stripes_pattern(u: Array, v: Array, period: float, phase: float) -> Array:
@@ -240,7 +254,8 @@ PATTERNS: dict[str, PatternFn] = {
 # Backgrounds of the "texture" cue: smooth fields, none of which is a class pattern.
 BACKGROUNDS: tuple[str, ...] = ("flat", "gradient", "noise")
 BACKGROUND_NOISE_CELL_PX = (14.0, 28.0)  # cell of the background's value noise at REFERENCE_SIZE (our choice)
-ClassCue = Literal["texture", "shape"]
+ClassCue = Literal["texture", "shape", "silhouette"]
+PLAIN_BACKGROUND = (128.0, 128.0, 128.0)  # the one background colour with plain_background (our choice)
 # Outlines of the "texture" cue, drawn per instance independently of the class (compact shapes, so that the
 # pattern fills whole patches).
 OUTLINES: tuple[str, ...] = ("disc", "square", "triangle", "star")
@@ -253,6 +268,10 @@ class CueLayout:
     objects_per_image: tuple[int, int]
     object_size: tuple[float, float]  # outer radius as a fraction of the image side
     max_occlusion: float
+    palette_size: int = 0  # pattern colours (texture cue): 0 uniform random, n the first n of PALETTE
+    colour_jitter: float = 0.0  # per-instance photometric variation of the pattern colours (texture cue), 0..1
+    period_px: tuple[float, float] = PATTERN_PERIOD_PX  # pattern period range at REFERENCE_SIZE (texture cue)
+    plain_background: bool = False  # texture cue: every background one grey (PLAIN_BACKGROUND) instead of random
 
 
 CUE_LAYOUTS: dict[str, CueLayout] = {
@@ -260,6 +279,10 @@ CUE_LAYOUTS: dict[str, CueLayout] = {
     "texture": CueLayout(objects_per_image=(4, 6), object_size=(0.14, 0.26), max_occlusion=0.3),
     # The pre-issue-13 scenes, unchanged.
     "shape": CueLayout(objects_per_image=(3, 5), object_size=(0.12, 0.26), max_occlusion=0.4),
+    # Flat silhouettes: the outline is the class, the fill one jittered palette colour, the background smooth.
+    "silhouette": CueLayout(
+        objects_per_image=(4, 6), object_size=(0.14, 0.26), max_occlusion=0.3, palette_size=4, colour_jitter=1.0
+    ),
 }
 
 
@@ -280,9 +303,41 @@ def _smooth_field(kind: str, x: Array, y: Array, scale: float, rng: np.random.Ge
     raise ValueError(f"background must be one of {BACKGROUNDS}, got {kind!r}")
 
 
-def _contrasting_colours(rng: np.random.Generator) -> tuple[Array, Array]:
-    """Two uniform random RGB colours (3,) at least ``MIN_PATTERN_CONTRAST`` apart (the first such of
-    ``COLOUR_TRIES`` draws; the most distant draw if none is)."""
+# Per-instance photometric variation at colour_jitter = 1: the ranges of the pretraining views' colour jitter
+# (augment.py: brightness and contrast 0.4, saturation 0.2, hue 0.1 of a turn), so that the invariance the
+# cross-view terms learn is the one that tells two instances of a class apart.
+JITTER_BRIGHTNESS = 0.4
+JITTER_CONTRAST = 0.4
+JITTER_SATURATION = 0.2
+JITTER_HUE = 0.1
+LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601-2 luma weights of (R, G, B)
+
+
+def _jittered(colours: tuple[Array, Array], rng: np.random.Generator, strength: float) -> tuple[Array, Array]:
+    """Shift an instance's two colours (3,) together: hue rotation about the grey axis, saturation, contrast
+    (about the pair's mean luma) and brightness factors drawn within ``strength`` times the jitter ranges."""
+    if strength <= 0:
+        return colours
+    pair = np.stack(colours)  # (2, 3)
+    hue, sat, con, bri = rng.uniform(-1.0, 1.0, size=4) * strength
+    angle = 2 * np.pi * JITTER_HUE * hue
+    axis = np.ones(3) / np.sqrt(3.0)
+    cos, sin = np.cos(angle), np.sin(angle)
+    pair = pair * cos + np.cross(axis, pair) * sin + axis * (pair @ axis)[:, None] * (1 - cos)  # Rodrigues
+    luma = (pair @ LUMA)[:, None]
+    pair = luma + (1 + JITTER_SATURATION * sat) * (pair - luma)
+    pair = luma.mean() + (1 + JITTER_CONTRAST * con) * (pair - luma.mean())
+    pair = np.clip(pair * (1 + JITTER_BRIGHTNESS * bri), 0.0, 255.0)
+    return pair[0], pair[1]
+
+
+def _pattern_colours(rng: np.random.Generator, palette_size: int) -> tuple[Array, Array]:
+    """The two colours (3,) of one instance's pattern: two distinct entries of the first ``palette_size`` of
+    ``PALETTE`` in random order, or (``palette_size`` 0) two uniform random RGB colours at least
+    ``MIN_PATTERN_CONTRAST`` apart (the first such of ``COLOUR_TRIES`` draws; the most distant one if none is)."""
+    if palette_size > 0:
+        first, second = rng.choice(palette_size, size=2, replace=False)
+        return np.asarray(PALETTE[first], dtype=np.float64), np.asarray(PALETTE[second], dtype=np.float64)
     pairs = rng.uniform(0.0, 255.0, size=(COLOUR_TRIES, 2, 3))
     distance = np.linalg.norm(pairs[:, 0] - pairs[:, 1], axis=-1)
     far = np.flatnonzero(distance >= MIN_PATTERN_CONTRAST)
@@ -381,6 +436,8 @@ class SyntheticScenes:
         max_occlusion: largest fraction of an object's area that later objects may cover (0..1; None: the
             cue's default).
         pixel_noise: standard deviation of Gaussian noise added to every pixel (0..255 scale).
+        palette_size: ``"texture"`` cue: the patterns' two colours come from the first n colours of ``PALETTE``
+            (2..len(PALETTE)), or are uniform random with 0 (None: the cue's default).
     """
 
     def __init__(
@@ -397,6 +454,10 @@ class SyntheticScenes:
         textures: Sequence[str] = TEXTURES,
         max_occlusion: float | None = None,
         pixel_noise: float = 3.0,
+        palette_size: int | None = None,
+        colour_jitter: float | None = None,
+        period_px: tuple[float, float] | None = None,
+        plain_background: bool | None = None,
     ) -> None:
         if class_cue not in get_args(ClassCue):
             raise ValueError(f"class_cue must be one of {get_args(ClassCue)}, got {class_cue!r}")
@@ -404,7 +465,13 @@ class SyntheticScenes:
         objects_per_image = layout.objects_per_image if objects_per_image is None else objects_per_image
         object_size = layout.object_size if object_size is None else object_size
         max_occlusion = layout.max_occlusion if max_occlusion is None else max_occlusion
-        names = tuple(PATTERNS) if class_cue == "texture" else tuple(SHAPES)
+        palette_size = layout.palette_size if palette_size is None else palette_size
+        colour_jitter = layout.colour_jitter if colour_jitter is None else colour_jitter
+        period_px = layout.period_px if period_px is None else period_px
+        plain_background = layout.plain_background if plain_background is None else plain_background
+        if palette_size != 0 and not 2 <= palette_size <= len(PALETTE):
+            raise ValueError(f"palette_size must be 0 or in 2..{len(PALETTE)}, got {palette_size}")
+        names = tuple(PATTERNS) if class_cue == "texture" else tuple(SHAPES)  # shape and silhouette: outlines
         if split not in get_args(Split):
             raise ValueError(f"split must be one of {get_args(Split)}, got {split!r}")
         if num_images < 0:
@@ -439,6 +506,10 @@ class SyntheticScenes:
         self.textures = tuple(textures)
         self.max_occlusion = float(max_occlusion)
         self.pixel_noise = float(pixel_noise)
+        self.palette_size = int(palette_size)
+        self.colour_jitter = float(colour_jitter)
+        self.period_px = (float(period_px[0]), float(period_px[1]))
+        self.plain_background = bool(plain_background)
         centres = np.arange(self.image_size, dtype=np.float64) + 0.5
         self._coords = centres  # pixel-centre coordinates, shared by x and y
 
@@ -467,7 +538,8 @@ class SyntheticScenes:
             f"image_size={self.image_size}, seed={self.seed}, class_cue={self.class_cue!r}, "
             f"classes={list(self.class_names)}, "
             f"objects_per_image={self.objects_per_image}, object_size={self.object_size}, "
-            f"textures={list(self.textures)}, max_occlusion={self.max_occlusion}, pixel_noise={self.pixel_noise})"
+            f"textures={list(self.textures)}, max_occlusion={self.max_occlusion}, pixel_noise={self.pixel_noise}, "
+            f"palette_size={self.palette_size})"
         )
 
     def stem(self, index: int) -> str:
@@ -506,7 +578,7 @@ class SyntheticScenes:
             angle=float(rng.uniform(0.0, 2 * np.pi)),
             detail=float(rng.random()),
         )
-        if self.class_cue == "shape":
+        if self.class_cue != "texture":
             return replace(obj, outline=self.object_names[class_index - 1])
         return replace(obj, outline=OUTLINES[int(rng.integers(len(OUTLINES)))])
 
@@ -542,6 +614,8 @@ class SyntheticScenes:
         """Paint the background and every visible object; add pixel noise; return uint8 (H, W, 3)."""
         if self.class_cue == "texture":
             image, painted, background = self._paint_patterns(objects, instances, rng)
+        elif self.class_cue == "silhouette":
+            image, painted, background = self._paint_silhouettes(objects, instances, rng)
         else:
             image, painted, background = self._paint_textures(objects, instances, rng)
         if self.pixel_noise > 0:
@@ -558,11 +632,14 @@ class SyntheticScenes:
         x, y = self._coords[None, :], self._coords[:, None]
         background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
         image = np.array(_smooth_field(background, x, y, scale, rng), dtype=np.float64)
+        if self.plain_background:
+            background = "plain"
+            image[...] = PLAIN_BACKGROUND
         painted: list[SceneObject] = []
         for instance_id, obj in enumerate(objects, start=1):
             name = self.object_names[obj.class_index - 1]
-            first, second = _contrasting_colours(rng)
-            period = scale * rng.uniform(*PATTERN_PERIOD_PX)
+            first, second = _jittered(_pattern_colours(rng, self.palette_size), rng, self.colour_jitter)
+            period = scale * rng.uniform(*self.period_px)
             phase, turn = float(rng.random()), float(rng.uniform(0.0, 2 * np.pi))
             rows, cols = _bounding_window(obj.centre, obj.radius, size)
             u, v = _rotated(x[:, cols] - obj.centre[0], y[rows, :] - obj.centre[1], turn)
@@ -570,6 +647,26 @@ class SyntheticScenes:
             visible = instances[rows, cols] == instance_id
             image[rows, cols][visible] = _mix(weight, first, second)[visible]
             painted.append(replace(obj, texture=name))
+        return image, tuple(painted), background
+
+    def _paint_silhouettes(
+        self, objects: tuple[SceneObject, ...], instances: Array, rng: np.random.Generator
+    ) -> tuple[Array, tuple[SceneObject, ...], str]:
+        """``"silhouette"`` cue: a smooth background, each object filled with one flat colour (a jittered palette
+        entry); returns float64 (H, W, 3) in [0, 255] before noise, the painted objects and the background."""
+        size = self.image_size
+        scale = size / REFERENCE_SIZE
+        x, y = self._coords[None, :], self._coords[:, None]
+        background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+        image = np.array(_smooth_field(background, x, y, scale, rng), dtype=np.float64)
+        if self.plain_background:
+            background = "plain"
+            image[...] = PLAIN_BACKGROUND
+        painted: list[SceneObject] = []
+        for instance_id, obj in enumerate(objects, start=1):
+            fill, _ = _jittered(_pattern_colours(rng, self.palette_size), rng, self.colour_jitter)
+            image[instances == instance_id] = fill
+            painted.append(replace(obj, texture="flat"))
         return image, tuple(painted), background
 
     def _paint_textures(
