@@ -65,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (default: the scale's)")
     parser.add_argument("--eval-every", type=int, default=None, help="NN evaluation every N steps (default steps/4)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="config override (all)")
+    parser.add_argument(
+        "--scenes",
+        nargs="+",
+        default=[],
+        metavar="NAME=VALUE",
+        help="SyntheticScenes options for training and evaluation scenes (e.g. class_cue=texture palette_size=4)",
+    )
+    parser.add_argument("--no-linear", action="store_true", help="dense NN only (no linear probe at the end)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2; --quick 1)")
     parser.add_argument("--runs-dir", type=Path, default=qc.RUNS_DIR / "ablation", help="where runs are kept")
     parser.add_argument("--results-dir", type=Path, default=None, help="where ablation.md / the PNG go")
@@ -92,7 +100,12 @@ def run_settings(args: argparse.Namespace, scale: qc.Scale) -> tuple[dict[str, A
     for section in ("run",):
         for key in ("output_dir", "seed", "threads"):
             shared[section].pop(key, None)
-    return extra, {"config": shared, "eval": vars(scale.evaluation), "eval_every": every}, every
+    settings = {"config": shared, "eval": vars(scale.evaluation), "eval_every": every}
+    if args.scenes:
+        settings["scenes"] = qc.parse_scene_options(args.scenes)
+    if args.no_linear:
+        settings["linear"] = False
+    return extra, settings, every
 
 
 def settings_tag(scale: qc.Scale, settings: dict[str, Any]) -> str:
@@ -114,7 +127,9 @@ def run_all(args: argparse.Namespace, scale: qc.Scale, seeds: Sequence[int]) -> 
             extra = dict(shared_extra)
             extra.update(qc.VARIANTS[variant].weights or {})
             config = qc.training_config(scale, root / f"{variant}-seed{seed}", seed, args.device, args.threads, extra)
-            record = qc.train_and_evaluate(config, variant, data, every, {**settings, "variant": variant}, _log)
+            record = qc.train_and_evaluate(
+                config, variant, data, every, {**settings, "variant": variant}, _log, linear=not args.no_linear
+            )
             records[(variant, seed)] = record
             _log(f"done {variant} seed {seed}: final NN mIoU {record.final()['nn']['miou']:.4f}")
         if "random" in args.variants:
@@ -446,8 +461,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     scale = qc.scale_for(args.quick, args.device)
     seeds = args.seeds if args.seeds is not None else ([0, 1] if args.quick else [0, 1, 2])
     info = common.machine_info(args.threads, args.device)
-    records = run_all(args, scale, seeds)
-    names = qc.EvalData.build(scale.evaluation, "cpu").class_names
+    with qc.scene_options(qc.parse_scene_options(args.scenes)):
+        records = run_all(args, scale, seeds)
+        names = qc.EvalData.build(scale.evaluation, "cpu").class_names
     path = write_report(args, argv, scale, records, seeds, names, info)
     print(path.read_text())
     return 0

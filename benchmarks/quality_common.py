@@ -17,6 +17,7 @@ Importing this module has no side effects.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -24,7 +25,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -216,6 +217,46 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         key, value = item.split("=", 1)
         overrides[key.strip()] = value.strip()
     return overrides
+
+
+def parse_scene_options(items: Sequence[str]) -> dict[str, Any]:
+    """``["class_cue=texture", "period_px=3.5,8", "plain_background=true"]`` -> keyword arguments of
+    ``SyntheticScenes`` (YAML scalars; a comma makes a tuple)."""
+    import yaml
+
+    options: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--scenes {item!r}: expected NAME=VALUE (e.g. class_cue=texture)")
+        key, value = (part.strip() for part in item.split("=", 1))
+        parts = [yaml.safe_load(v) for v in value.split(",")]
+        options[key] = tuple(parts) if len(parts) > 1 else parts[0]
+    return options
+
+
+@contextlib.contextmanager
+def scene_options(options: dict[str, Any]) -> Iterator[None]:
+    """Within the block, every ``SyntheticScenes`` the library builds (training images, evaluation scenes) takes
+    ``options`` as its keyword defaults; the class is restored on exit. Benchmark-only: the library itself
+    always builds the generator's defaults, and this is how the scene search (issue 13) screened other scenes
+    without a configuration field for each generator option."""
+    import cribo.data.scenes as scenes_module
+
+    original = scenes_module.SyntheticScenes
+    if not options:
+        yield
+        return
+    original("train", 0, **options)  # unknown or invalid options fail here, before any run starts
+
+    class ScreenedScenes(original):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **{**options, **kwargs})
+
+    scenes_module.SyntheticScenes = ScreenedScenes  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        scenes_module.SyntheticScenes = original  # type: ignore[misc]
 
 
 def training_config(

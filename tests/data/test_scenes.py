@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cribo.data.scenes import OUTLINES, PATTERNS, SHAPES, TEXTURES, SyntheticScenes
+from cribo.data.scenes import OUTLINES, PALETTE, PATTERNS, PLAIN_BACKGROUND, SHAPES, TEXTURES, SyntheticScenes
 
 
 def _scene_bytes(dataset: SyntheticScenes, index: int) -> tuple[bytes, bytes]:
@@ -47,15 +47,17 @@ def test_item_types_and_shapes(image_size: int) -> None:
 
 def test_class_metadata() -> None:
     dataset = SyntheticScenes("train", 1)
-    assert dataset.class_cue == "texture"
+    assert dataset.class_cue == "shape"
     assert dataset.num_classes == 7 == len(dataset.class_names)
     assert dataset.class_names[0] == "background"
-    assert dataset.class_names[1:] == tuple(PATTERNS)[:6]
-    shapes = SyntheticScenes("train", 1, class_cue="shape")
-    assert shapes.class_names[1:] == tuple(SHAPES)[:6]
-    fewer = SyntheticScenes("train", 1, class_cue="shape", num_object_classes=3)
+    assert dataset.class_names[1:] == tuple(SHAPES)[:6]
+    fewer = SyntheticScenes("train", 1, num_object_classes=3)
     assert fewer.class_names == ("background", "disc", "square", "triangle")
-    assert SyntheticScenes("train", 1, num_object_classes=2).class_names == ("background", "stripes", "checker")
+    patterns = SyntheticScenes("train", 1, class_cue="texture")
+    assert patterns.class_names[1:] == tuple(PATTERNS)[:6]
+    two = SyntheticScenes("train", 1, class_cue="texture", num_object_classes=2)
+    assert two.class_names[1:] == ("stripes", "checker")
+    assert SyntheticScenes("train", 1, class_cue="silhouette").class_names == dataset.class_names
 
 
 @pytest.mark.parametrize(("class_cue", "min_objects"), [("texture", 3.5), ("shape", 2.5)])
@@ -136,12 +138,14 @@ def test_write_to_disk_round_trips(tmp_path: Path) -> None:
         ({"split": "train", "num_images": 1, "image_size": 8}, "image_size"),
         ({"split": "train", "num_images": 1, "seed": -2}, "seed"),
         ({"split": "train", "num_images": 1, "num_object_classes": 0}, "num_object_classes"),
-        ({"split": "train", "num_images": 1, "num_object_classes": len(PATTERNS) + 1}, "num_object_classes"),
+        ({"split": "train", "num_images": 1, "num_object_classes": len(SHAPES) + 1}, "num_object_classes"),
         (
-            {"split": "train", "num_images": 1, "class_cue": "shape", "num_object_classes": len(SHAPES) + 1},
+            {"split": "train", "num_images": 1, "class_cue": "texture", "num_object_classes": len(PATTERNS) + 1},
             "num_object_classes",
         ),
         ({"split": "train", "num_images": 1, "class_cue": "colour"}, "class_cue"),
+        ({"split": "train", "num_images": 1, "class_cue": "texture", "palette_size": -1}, "palette_size"),
+        ({"split": "train", "num_images": 1, "class_cue": "texture", "palette_size": 99}, "palette_size"),
         ({"split": "train", "num_images": 1, "objects_per_image": (3, 2)}, "objects_per_image"),
         ({"split": "train", "num_images": 1, "object_size": (0.3, 0.1)}, "object_size"),
         ({"split": "train", "num_images": 1, "textures": ("plaid",)}, "textures"),
@@ -167,7 +171,7 @@ def test_index_out_of_range_raises_index_error() -> None:
 
 def test_repr_and_texture_family() -> None:
     text = repr(SyntheticScenes("val", 10, image_size=64, seed=4))
-    for fragment in ("SyntheticScenes(", "split='val'", "num_images=10", "image_size=64", "seed=4", "rings", "texture"):
+    for fragment in ("SyntheticScenes(", "split='val'", "num_images=10", "image_size=64", "seed=4", "star", "shape"):
         assert fragment in text
     assert set(TEXTURES) >= {"flat", "stripes", "checkerboard", "dots", "noise", "gradient"}
 
@@ -190,7 +194,7 @@ def _instance_pixels(scene_image: np.ndarray, instances: np.ndarray, instance_id
 
 
 def test_texture_cue_objects_show_their_pattern_in_two_colours_on_a_smooth_background() -> None:
-    dataset = SyntheticScenes("val", 12, image_size=96, seed=1, pixel_noise=0.0)
+    dataset = SyntheticScenes("val", 12, image_size=96, seed=1, class_cue="texture", pixel_noise=0.0)
     for index in range(len(dataset)):
         scene = dataset.scene(index)
         classes = np.array([0, *(obj.class_index for obj in scene.objects)])
@@ -210,7 +214,7 @@ def test_texture_cue_objects_show_their_pattern_in_two_colours_on_a_smooth_backg
 
 
 def test_texture_cue_colour_does_not_determine_the_class() -> None:
-    dataset = SyntheticScenes("train", 60, image_size=64)
+    dataset = SyntheticScenes("train", 60, image_size=64, class_cue="texture")
     colours: dict[int, list[np.ndarray]] = {c: [] for c in range(1, dataset.num_classes)}
     outlines: dict[int, set[str]] = {c: set() for c in range(1, dataset.num_classes)}
     for index in range(len(dataset)):
@@ -235,3 +239,43 @@ def test_shape_cue_keeps_the_pre_issue_13_layout() -> None:
     assert (shapes.objects_per_image, shapes.object_size, shapes.max_occlusion) == ((3, 5), (0.12, 0.26), 0.4)
     scene = shapes.scene(0)
     assert all(obj.outline == shapes.class_names[obj.class_index] for obj in scene.objects)
+
+
+def test_texture_cue_palette_and_jitter() -> None:
+    fixed = SyntheticScenes("val", 6, seed=2, class_cue="texture", palette_size=2, pixel_noise=0.0)
+    jittered = SyntheticScenes(
+        "val", 6, seed=2, class_cue="texture", palette_size=2, colour_jitter=1.0, pixel_noise=0.0
+    )
+    palette = {tuple(float(c) for c in colour) for colour in PALETTE[:2]}
+    shifted = 0
+    for index in range(len(fixed)):
+        scene, other = fixed.scene(index), jittered.scene(index)
+        np.testing.assert_array_equal(scene.mask, other.mask)  # appearance options leave the geometry alone
+        for instance_id in range(1, len(scene.objects) + 1):
+            pixels = _instance_pixels(scene.image, scene.instances, instance_id)
+            if len(pixels) >= 30:
+                assert {tuple(float(c) for c in colour) for colour in np.unique(pixels, axis=0)} == palette
+            moved = _instance_pixels(other.image, other.instances, instance_id)
+            shifted += int(len(moved) > 0 and not np.array_equal(moved, pixels))
+    assert shifted > 0
+    one = SyntheticScenes("val", 2, class_cue="silhouette", palette_size=1, colour_jitter=0.0, pixel_noise=0.0)
+    scene = one.scene(0)
+    assert {tuple(c) for c in scene.image[scene.instances > 0].reshape(-1, 3)} == {PALETTE[0]}
+
+
+def test_silhouette_cue_fills_each_outline_with_one_colour() -> None:
+    dataset = SyntheticScenes("val", 8, seed=3, class_cue="silhouette", pixel_noise=0.0)
+    for index in range(len(dataset)):
+        scene = dataset.scene(index)
+        for instance_id, obj in enumerate(scene.objects, start=1):
+            assert obj.outline == dataset.class_names[obj.class_index] and obj.texture == "flat"
+            pixels = _instance_pixels(scene.image, scene.instances, instance_id)
+            assert len(np.unique(pixels, axis=0)) <= 1
+
+
+def test_plain_background_is_one_grey() -> None:
+    dataset = SyntheticScenes("val", 3, class_cue="texture", plain_background=True, pixel_noise=0.0)
+    for index in range(len(dataset)):
+        scene = dataset.scene(index)
+        assert scene.background_texture == "plain"
+        assert {tuple(c) for c in scene.image[scene.instances == 0].reshape(-1, 3)} == {PLAIN_BACKGROUND}

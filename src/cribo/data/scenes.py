@@ -1,18 +1,24 @@
 """Built-in synthetic scenes: seeded, procedurally drawn scene images with per-pixel class labels.
 
-Each image holds several objects on a background. Two ways of defining an object's class (``class_cue``):
+Each image holds several objects on a background. What defines an object's class is chosen by ``class_cue``:
 
-* ``"texture"`` (the default): the class is a TEXTURE PATTERN of the object's surface (stripes, checker,
-  dots, concentric rings about the object's centre, radial spokes, a grid of lines). Both colours of the
-  pattern, its period, phase and orientation, the object's outline (any shape of ``SHAPES``), size and
-  position are drawn per instance independently of the class, and the background is a smooth field (flat,
-  gradient, low-frequency noise) of random colours. Colour statistics therefore say nothing about the class,
-  while a patch of a few pixels shows the pattern: the class is learnable at the resolution of a ViT's patch
-  tokens, and every scene holds several classes shared with other scenes.
-* ``"shape"``: the class is the object's SHAPE (disc, square, triangle, star, ring, cross, ...); size,
-  rotation, position, colours and texture (flat, stripes, checkerboard, dots, noise, gradient) are drawn per
-  instance independently of the class, and the background draws its texture from the same family, so only
-  the outline tells the class. This was the default until issue 13; a few CPU minutes learn nothing of it.
+* ``"shape"`` (the default): the class is the object's SHAPE (disc, square, triangle, star, ring, cross, ...);
+  size, rotation, position, colours and texture (flat, stripes, checkerboard, dots, noise, gradient) are drawn
+  per instance independently of the class, and the background draws its texture from the same family, so only
+  the outline tells the class.
+* ``"texture"``: the class is a PATTERN on the object's surface (stripes, checker, dots, concentric rings about
+  the object's centre, radial spokes, a grid of lines), each covering half of the surface with each of its two
+  colours; the colours (uniform random, or two of a small fixed ``PALETTE``, optionally shifted per instance
+  within the pretraining views' colour-jitter ranges), the period, phase and orientation of the pattern and the
+  outline are drawn per instance independently of the class, on a smooth background (flat, gradient,
+  low-frequency noise) of random colours, or one grey.
+* ``"silhouette"``: the class is the outline, as with ``"shape"``, but each object is one flat colour (a
+  palette entry, jittered) on a smooth background: only the silhouette tells the class, and it is clean.
+
+The last two were built for issue 13 (a CPU regime where training visibly learns the classes); in the runs of
+that search (BENCHMARKS.md, "search for a CPU learning regime") a few hundred CPU-sized steps left the dense
+features of all of them no better than a random initialisation, while on the ``"shape"`` scenes they improved,
+so ``"shape"`` stays the default.
 
 Objects overlap; the mask shows the top one. Everything is generated lazily from ``(seed, split, index)``: no
 download, no cache, the same bytes on every call. Geometry and appearance use two independent random streams,
@@ -34,7 +40,7 @@ from typing import Literal, get_args
 import numpy as np
 from PIL import Image
 
-__all__ = ["PATTERNS", "SHAPES", "TEXTURES", "Scene", "SceneObject", "SyntheticScenes"]
+__all__ = ["PALETTE", "PATTERNS", "SHAPES", "TEXTURES", "Scene", "SceneObject", "SyntheticScenes"]
 
 logger = logging.getLogger(__name__)
 
@@ -335,6 +341,8 @@ def _pattern_colours(rng: np.random.Generator, palette_size: int) -> tuple[Array
     """The two colours (3,) of one instance's pattern: two distinct entries of the first ``palette_size`` of
     ``PALETTE`` in random order, or (``palette_size`` 0) two uniform random RGB colours at least
     ``MIN_PATTERN_CONTRAST`` apart (the first such of ``COLOUR_TRIES`` draws; the most distant one if none is)."""
+    if palette_size == 1:
+        return np.asarray(PALETTE[0], dtype=np.float64), np.asarray(PALETTE[0], dtype=np.float64)
     if palette_size > 0:
         first, second = rng.choice(palette_size, size=2, replace=False)
         return np.asarray(PALETTE[first], dtype=np.float64), np.asarray(PALETTE[second], dtype=np.float64)
@@ -447,7 +455,7 @@ class SyntheticScenes:
         image_size: int = 96,
         seed: int = 0,
         *,
-        class_cue: ClassCue = "texture",
+        class_cue: ClassCue = "shape",
         num_object_classes: int = DEFAULT_NUM_OBJECT_CLASSES,
         objects_per_image: tuple[int, int] | None = None,
         object_size: tuple[float, float] | None = None,
@@ -469,8 +477,8 @@ class SyntheticScenes:
         colour_jitter = layout.colour_jitter if colour_jitter is None else colour_jitter
         period_px = layout.period_px if period_px is None else period_px
         plain_background = layout.plain_background if plain_background is None else plain_background
-        if palette_size != 0 and not 2 <= palette_size <= len(PALETTE):
-            raise ValueError(f"palette_size must be 0 or in 2..{len(PALETTE)}, got {palette_size}")
+        if not 0 <= palette_size <= len(PALETTE):
+            raise ValueError(f"palette_size must be in 0..{len(PALETTE)}, got {palette_size}")
         names = tuple(PATTERNS) if class_cue == "texture" else tuple(SHAPES)  # shape and silhouette: outlines
         if split not in get_args(Split):
             raise ValueError(f"split must be one of {get_args(Split)}, got {split!r}")
