@@ -48,6 +48,11 @@ COMPARISONS: tuple[tuple[str, str], ...] = (
     ("cribo", "random"),
 )
 EFFECT = 0.01  # mIoU difference the budget estimate asks to resolve
+# ViT-S/16 at 224 px (197 tokens, 12 blocks of width 384) against the 4-block ViT-Tiny/8 at 64 px (65 tokens,
+# width 192): FLOPs per image of the backbone, counted by hand from the token counts and widths (issue 5).
+FLOPS_RATIO_GPU = 38
+CPU_BATCH = 16  # the tiny-cpu preset's batch_size_per_gpu
+GPU_BATCH = 64  # CUDA_OVERRIDES' batch_size_per_gpu
 
 logger = logging.getLogger("bench_ablation")
 
@@ -358,17 +363,21 @@ def findings(records: dict[tuple[str, int], qc.RunRecord], variants: Sequence[st
     )
     linear_runs = [r.final()["linear"] for v in variants for r in per_variant(records, v, seeds) if r.final()["linear"]]
     collapsed = sum(qc.predicts_background_only(scores) for scores in linear_runs)
-    return "\n".join(
-        [
-            f"- Ranking by mean NN mIoU: {ranking}.",
-            f"- Best object-class NN IoU of any run: {best_class[0]:.3f} ({best_class[1]}, "
-            f"{qc.VARIANTS[best_class[2]].label if best_class[2] in qc.VARIANTS else '–'}); background IoU dominates "
-            "every mIoU (see the per-class table).",
+    lines = [
+        f"- Ranking by mean NN mIoU: {ranking}.",
+        f"- Best object-class NN IoU of any run: {best_class[0]:.3f} ({best_class[1]}, "
+        f"{qc.VARIANTS[best_class[2]].label if best_class[2] in qc.VARIANTS else '–'}); background IoU dominates "
+        "every mIoU (see the per-class table).",
+    ]
+    if linear_runs:
+        lines.append(
             f"- Linear probe: {collapsed} of {len(linear_runs)} probes label every val pixel as background (their "
             "mIoU is the background IoU divided by the number of classes)"
-            + (", so the linear column separates nothing at this budget." if collapsed == len(linear_runs) else "."),
-        ]
-    )
+            + (", so the linear column separates nothing at this budget." if collapsed == len(linear_runs) else ".")
+        )
+    else:
+        lines.append("- Linear probe: not run (`--no-linear`).")
+    return "\n".join(lines)
 
 
 def budget_paragraph(
@@ -381,16 +390,20 @@ def budget_paragraph(
         return ""
     worst = max(stds)
     resolution = qc.t_quantile(len(seeds) - 1) * worst / math.sqrt(len(seeds))
+    trained = [r for (v, _), r in records.items() if v != "random"]
+    cpu_images = trained[0].steps * CPU_BATCH if trained else 0
+    gpu_images = qc.steps_per_run(qc.training_config(qc.SCALES["cuda"], Path("unused"), 0, "cuda", 1)) * GPU_BATCH
+    ratio = f"{gpu_images / cpu_images:.0f} times the images of this run" if cpu_images else "more images"
     return (
         f"Budget: between variants the paired seed-to-seed std of the NN mIoU is at most {worst:.4f}, so "
-        f"{len(seeds)} seeds resolve differences of about ±{resolution:.4f}; more seeds are not what this budget "
-        "lacks. What it lacks is training: the object terms are optimised within about 100 steps while the NN "
-        "mIoU of every variant stays far below the label oracle (see scenes.md), so an ordering in the paper's "
-        "direction, if these scenes allow one, needs a network and schedule where the features learn shape "
-        "classes at all. The GPU scale of this script (`--device cuda`: ViT-S/16, 224-px views, 3200 steps of 64 "
-        "images) is meant for that: about 38 times the FLOPs per image and 67 times the images of this run, "
-        "roughly 2,500 times its compute; estimated at about 10 minutes per run on one current GPU, bounded by "
-        "generating the scenes on 8 loader workers rather than by the GPU (an estimate, not a measurement)."
+        f"{len(seeds)} seeds resolve differences of about ±{resolution:.4f}; more seeds would not change which "
+        "variant is ahead. Where the trained variants stand against each other and against the label oracle "
+        "(scenes.md) is a matter of what a few CPU minutes teach: the search for a CPU regime in the paper's "
+        'order (section "search for a CPU learning regime") tried the scenes, the schedule and the heads. The GPU '
+        "scale of this script (`--device cuda`: ViT-S/16, 224-px views, 3200 steps of 64 images) is about "
+        f"{FLOPS_RATIO_GPU} times the FLOPs per image and {ratio}; estimated at about 10 minutes per run on one "
+        "current GPU, bounded by generating the scenes on 8 loader workers rather than by the GPU (an estimate, "
+        "not a measurement)."
     )
 
 
@@ -431,8 +444,9 @@ def write_report(
         "`weight_cross_image` of the loss config): DINO-only = 1/0/0, CrIBo w/o cross-image = 1/1/0, CrIBo = "
         "1/1/1; clustering and matching still run in every variant, so the untrained terms are logged too. "
         f"The teacher is scored on {e.val_images} held-out val scenes at {e.input_size} px: dense NN retrieval "
-        f"(bank = {e.train_images} train scenes, k = {e.k}, temperature {e.temperature}) and a linear probe "
-        f"({e.linear_steps} steps). Random init = the teacher at step 0 of the same seed, so every difference is "
+        f"(bank = {e.train_images} train scenes, k = {e.k}, temperature {e.temperature})"
+        + ("" if args.no_linear else f" and a linear probe ({e.linear_steps} steps)")
+        + ". Random init = the teacher at step 0 of the same seed, so every difference is "
         f"paired by seed. Wall time per training run with its evaluations: {wall} on this machine (torch "
         f"threads per run: {threads}; 1-minute load average when the runs started: {load}; the load average "
         "below is the one when this file was assembled). Runs are kept under `runs/quality/ablation/` and "

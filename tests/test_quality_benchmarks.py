@@ -63,7 +63,7 @@ def test_variants_are_loss_weight_overrides() -> None:
     config = qc.training_config(qc.SCALES["quick"], Path("unused"), 0, "cpu", 1, qc.VARIANTS["dino"].weights)
     assert (config.loss.weight_global, config.loss.weight_object, config.loss.weight_cross_image) == (1.0, 0.0, 0.0)
     cpu = qc.training_config(qc.SCALES["cpu"], Path("unused"), 0, "cpu", 1)
-    assert qc.steps_per_run(cpu) == 192 and cpu.model.depth == 4 and cpu.model.patch_size == 8
+    assert qc.steps_per_run(cpu) == 768 and cpu.model.depth == 4 and cpu.model.patch_size == 8
 
 
 # ------------------------------------------------------------------------------------------------ quick modes

@@ -20,16 +20,30 @@ from typing import Any
 
 from cribo.config import TrainConfig
 
-__all__ = ["DEMO_PRESET", "DemoResult", "NNScore", "nn_options", "run_demo", "score_backbone", "summary_text"]
+__all__ = [
+    "DEMO_PRESET",
+    "DemoEval",
+    "DemoResult",
+    "NNScore",
+    "nn_options",
+    "run_demo",
+    "score_backbone",
+    "summary_text",
+]
 
 DEMO_PRESET = "tiny-cpu"
-# Held-out evaluation of the demo: the bank is built from this many scenes of the scenes' "train" split
-# (generator seed EVAL_SCENES_SEED) and this many "val" scenes are scored; the quality benchmarks use the same
-# sizes (benchmarks/quality_common.py, scale "cpu").
-EVAL_TRAIN_SCENES = 300
-EVAL_VAL_SCENES = 100
-EVAL_SCENES_SEED = 0
 BACKGROUND = "background"  # class 0 of the built-in scenes (cribo.data.scenes)
+
+
+@dataclass(frozen=True)
+class DemoEval:
+    """The held-out evaluation: a bank of ``train_scenes`` scenes of the scenes' "train" split (generator seed
+    ``scenes_seed``) and ``val_scenes`` scored "val" scenes. The defaults are the CPU quality benchmarks' sizes
+    (benchmarks/quality_common.py, scale "cpu"), so the demo's numbers are comparable with BENCHMARKS.md."""
+
+    train_scenes: int = 300
+    val_scenes: int = 100
+    scenes_seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -53,6 +67,7 @@ class NNScore:
 class DemoResult:
     """What :func:`run_demo` produced."""
 
+    evaluation: DemoEval
     output_dir: Path
     epoch: int
     step: int
@@ -62,23 +77,23 @@ class DemoResult:
     curves: Path
 
 
-def nn_options(config: TrainConfig, output: Path) -> Any:
+def nn_options(config: TrainConfig, output: Path, evaluation: DemoEval = DemoEval()) -> Any:
     """The retrieval options of the demo's evaluation: the built-in scenes at the pretraining scene size."""
     from cribo.eval import NNEvalOptions
 
     return NNEvalOptions(
         dataset="scenes",
-        scenes_train_images=EVAL_TRAIN_SCENES,
-        scenes_val_images=EVAL_VAL_SCENES,
+        scenes_train_images=evaluation.train_scenes,
+        scenes_val_images=evaluation.val_scenes,
         scenes_image_size=config.data.scenes_image_size,
-        scenes_seed=EVAL_SCENES_SEED,
+        scenes_seed=evaluation.scenes_seed,
         device=config.run.device,
         output=str(output),
         progress=False,
     )
 
 
-def score_backbone(backbone: Any, config: TrainConfig, output: Path) -> NNScore:
+def score_backbone(backbone: Any, config: TrainConfig, output: Path, evaluation: DemoEval = DemoEval()) -> NNScore:
     """Dense NN retrieval of ``backbone`` (a timm ViT) with :func:`nn_options`; the JSON goes to ``output``."""
     from cribo.eval import run_nn
     from cribo.models import BackboneInfo
@@ -89,8 +104,8 @@ def score_backbone(backbone: Any, config: TrainConfig, output: Path) -> NNScore:
         patch_size=config.model.patch_size,
         embed_dim=int(backbone.embed_dim),
     )
-    report = run_nn(nn_options(config, output), backbone=(backbone, info))
-    results = report.payload["results"]
+    report = run_nn(nn_options(config, output, evaluation), backbone=(backbone, info))
+    results = report.payload
     per_class = {str(name): value for name, value in results["per_class_iou"].items()}
     objects = [value for name, value in per_class.items() if name != BACKGROUND and value is not None]
     return NNScore(
@@ -101,7 +116,7 @@ def score_backbone(backbone: Any, config: TrainConfig, output: Path) -> NNScore:
     )
 
 
-def run_demo(config: TrainConfig, progress_bar: bool = True) -> DemoResult:
+def run_demo(config: TrainConfig, progress_bar: bool = True, evaluation: DemoEval = DemoEval()) -> DemoResult:
     """Score the random-init teacher, pretrain (or resume) with ``config``, score the trained teacher.
 
     The random initialisation is the teacher of a freshly built trainer of the same seed, scored before
@@ -114,12 +129,14 @@ def run_demo(config: TrainConfig, progress_bar: bool = True) -> DemoResult:
     output_dir = Path(config.run.output_dir)
     trainer = build_trainer(config)
     initial = copy.deepcopy(trainer.teacher.backbone)
-    random_init = score_backbone(initial, config, output_dir / "nn_random_init.json")
+    random_init = score_backbone(initial, config, output_dir / "nn_random_init.json", evaluation)
     del initial
     result = fit(trainer, progress_bar=progress_bar)
-    trained = score_backbone(trainer.teacher.backbone, config, output_dir / "nn_teacher.json")
+    trained = score_backbone(trainer.teacher.backbone, config, output_dir / "nn_teacher.json", evaluation)
     curves = plot_training_curves(result.history, result.output_dir / "training_curves.png")
-    return DemoResult(result.output_dir, result.epoch, result.step, result.history, random_init, trained, curves)
+    return DemoResult(
+        evaluation, result.output_dir, result.epoch, result.step, result.history, random_init, trained, curves
+    )
 
 
 def summary_text(result: DemoResult) -> str:
@@ -131,8 +148,8 @@ def summary_text(result: DemoResult) -> str:
     lines = [
         training_summary(result.output_dir, result.history, result.epoch, result.step),
         f"  curves     : {result.curves}",
-        f"\n  Dense NN retrieval of the teacher's patch tokens on {EVAL_VAL_SCENES} held-out scenes "
-        f"(bank: {EVAL_TRAIN_SCENES} scenes, k = 30, temperature 0.02; {result.trained.path.name}):",
+        f"\n  Dense NN retrieval of the teacher's patch tokens on {result.evaluation.val_scenes} held-out scenes "
+        f"(bank: {result.evaluation.train_scenes} scenes, k = 30, temperature 0.02; {result.trained.path.name}):",
         f"    object classes only: {result.trained.object_miou:.3f} (random init {result.random_init.object_miou:.3f}, "
         f"{object_gain:+.3f})",
         f"  dense NN mIoU: {result.trained.miou:.3f} (random init of the same seed: {result.random_init.miou:.3f}, "
