@@ -110,6 +110,7 @@ def measure_bank(job: dict[str, Any]) -> dict[str, Any]:
     from cribo.config import MethodConfig
     from cribo.matching import match_objects
     from cribo.memory import ObjectMemoryBank
+    from cribo.search import BankKeys
 
     chunk_size = job.get("chunk_size") or MethodConfig().bank_chunk_size
     device = torch.device(job.get("device", "cpu"))
@@ -119,7 +120,7 @@ def measure_bank(job: dict[str, Any]) -> dict[str, Any]:
     bank = ObjectMemoryBank(job["capacity"], job["objects"], job["dim"], generator=generator)
     if job["state"] == "gaussian":
         bank.objects.normal_(generator=generator)
-    bank = bank.to(device)
+    bank, keys = bank.to(device), BankKeys()  # the screening keys, kept as the trainer keeps them
     alloc_s = time.perf_counter() - started
     bank_mib = bank.objects.numel() * 4 / common.MIB
     calls = job["warmup"] + job["repeat"]
@@ -131,8 +132,8 @@ def measure_bank(job: dict[str, Any]) -> dict[str, Any]:
     def call(objects: Any) -> None:
         sync()
         start = time.perf_counter()
-        matches = match_objects(objects, bank, chunk_size=chunk_size)
-        bank.push(objects, per_image)
+        matches = match_objects(objects, bank, chunk_size=chunk_size, keys=keys)
+        keys.update(bank, bank.push(objects, per_image))
         sync()
         times.append(time.perf_counter() - start)
         found.append(float(matches.cycle_mask.sum()))

@@ -8,11 +8,12 @@ cross-image term is on), random image tensors and random patch positions of the 
 * C: ViT-S/16, 224 px, batch 4, K 32, out_dim = out_dim_c = 65 536
 
 Each configuration runs in its own fresh subprocess (peak RSS is per configuration). The time per step is the
-median of the library's own ``cribo.train.train_step`` after warm-up. The split comes from
-:func:`instrumented_step`, which calls the same library functions in the same order with a timer between them
-(see ``PHASE_MAP`` for how its phases map onto the authors' six phases). The DINO floor (item 3) is the same
-loop with CrIBo's own work removed: both views through teacher and student, the [CLS] head and DINO loss only,
-the optimiser step and the EMA; no clustering, no object head, no bank.
+median of the library's own ``cribo.train.train_step`` after warm-up. The split comes from the
+same library step with its ``lap`` hook (``cribo.step.train_step(..., lap=clock.lap)``), which closes a timed
+phase at each of its phases (see ``PHASE_MAP`` for how they map onto the authors' six phases). The DINO floor
+(item 3) is the same library step with the object-level loss weights at 0, which makes it DINO's: both views
+through teacher and student, the [CLS] head and DINO loss only, the optimiser step and the EMA; no clustering,
+no object head, no bank.
 
 Run ``python benchmarks/bench_step.py`` (full) or ``--quick`` (tiny settings, smoke test). Importing this
 module has no side effects.
@@ -99,7 +100,7 @@ AUTHORS: dict[str, AuthorsStep] = {
 }
 SPEED_GOALS: dict[str, float] = {"A": 2.0, "B": 1.2, "C": 1.5}  # required authors/ours time ratio
 
-# Our fine phases (names laps of instrumented_step / instrumented_dino_step) -> the authors' six phases.
+# Our fine phases (the laps of cribo.step.train_step, cribo.step.PHASES) -> the authors' six phases.
 PHASE_MAP: dict[str, tuple[str, ...]] = {
     "teacher forward": ("teacher_backbone",),
     "clustering": ("clustering",),
@@ -108,7 +109,7 @@ PHASE_MAP: dict[str, tuple[str, ...]] = {
     "object heads and loss": ("teacher_head_mlp", "teacher_targets", "student_head_mlp", "loss", "heads_loss_backward"),
     "optimiser and EMA": ("optimiser", "ema"),
 }
-FINE_PHASES: tuple[str, ...] = (
+FINE_PHASES: tuple[str, ...] = (  # cribo.step.PHASES (bench_step imports nothing at module level)
     "teacher_backbone",
     "clustering",
     "bank_search",
@@ -128,15 +129,15 @@ PHASE_NOTES: dict[str, str] = {
     "clustering": "joint_space_clustering + valid_objects + pool_objects + select_valid",
     "bank_search": "match_objects: NN search of both views + cycle check (before the push)",
     "teacher_head_mlp": "teacher head MLP on [CLS], objects and the cycle-consistent neighbours",
-    "teacher_targets": "CrIBoLoss.targets: fused teacher last layers + sharpening (3 targets), centre updates",
+    "teacher_targets": "TargetBuilder: fused teacher last layers + sharpening (3 targets), centre updates",
     "student_backbone_forward": "student ViT forward (drop-path 0.1)",
     "student_head_mlp": "student object pooling + head MLP on [CLS] and objects",
     "loss": "student_terms: fused student last layers + the 3 cross-entropies (forward)",
-    "heads_loss_backward": "backward from the loss to the student tokens (heads + loss)",
+    "heads_loss_backward": "backward from the loss to the student tokens (heads + loss; a gradient hook laps)",
     "student_backbone_backward": "backward through the student ViT",
     "optimiser": "AdamW step (+ last-layer freeze / clipping when on)",
     "ema": "ema_update (foreach lerp)",
-    "bank_push": "ObjectMemoryBank.push",
+    "bank_push": "ObjectMemoryBank.push + BankKeys.update",
 }
 
 
@@ -146,7 +147,8 @@ PHASE_NOTES: dict[str, str] = {
 def train_config(
     setting: StepSetting, device: str, threads: int, dino: bool = False, keep_freed_memory: bool = True
 ) -> Any:
-    """The TrainConfig of a setting; ``dino`` strips the object head, the clustering and the bank to size one."""
+    """The TrainConfig of a setting; ``dino`` turns the object-level terms off (their weights 0: the step skips
+    clustering, matching, the object heads and the bank) and shrinks the unused object head and bank to size one."""
     from cribo import config as config_lib
 
     overrides: dict[str, Any] = {
@@ -159,6 +161,8 @@ def train_config(
         "out_dim": setting.out_dim,
         "out_dim_c": 1 if dino else setting.out_dim,
         "queue_size": 1 if dino else setting.bank,
+        "weight_object": 0.0 if dino else 1.0,
+        "weight_cross_image": 0.0 if dino else 1.0,
         "drop_path_rate": DROP_PATH_RATE,
         "device": device,
         "precision": setting.precision,
@@ -209,7 +213,7 @@ def random_batch(setting: StepSetting, seed: int = 0) -> Any:
     """A collated batch of random normalised images (B, V, 3, S, S) and random positions (B, V, N, 2)."""
     import torch
 
-    from cribo.train import Batch
+    from cribo.data.pretrain import Batch
 
     generator = torch.Generator().manual_seed(seed)
     size = setting.image_size
@@ -221,170 +225,29 @@ def random_batch(setting: StepSetting, seed: int = 0) -> Any:
 # ------------------------------------------------------------------------------------------------ steps
 
 
-def _step_inputs(trainer: Any, batch: Any) -> tuple[Any, Any, Any]:
-    """Schedule values written into the optimiser, (2B,3,S,S) view-major images and (B,V,N,2) positions."""
-    from cribo.train import set_optimizer_values, step_values
+def step(trainer: Any, batch: Any, clock: common.PhaseClock | None = None) -> dict[str, float]:
+    """The library's ``cribo.step.train_step`` at the trainer's position; with a clock, a lap after each phase.
 
-    values = step_values(trainer)
-    set_optimizer_values(trainer.optimizer, values)
-    images = batch.images.to(trainer.device, non_blocking=True).transpose(0, 1).flatten(0, 1)
-    return values, images, batch.positions.to(trainer.device, non_blocking=True)
-
-
-def _teacher_phases(trainer: Any, images: Any, positions: Any, values: Any, clock: common.PhaseClock) -> Any:
-    """``cribo.train.teacher_side``, the same calls in the same order, with laps between them."""
-    import torch
-
-    from cribo.matching import match_objects
-    from cribo.train import TeacherOutput, autocast, split_tokens, teacher_objects, teacher_targets, used_neighbours
-
-    with torch.no_grad():
-        with autocast(trainer):
-            tokens = trainer.teacher(images)
-        cls, patches = split_tokens(tokens.float(), positions.shape[0])
-        clock.lap("teacher_backbone")
-        assignment, valid, objects, per_image = teacher_objects(trainer, patches, positions, values)
-        clock.lap("clustering")
-        matches = match_objects(objects, trainer.bank, chunk_size=trainer.config.method.bank_chunk_size)
-        clock.lap("bank_search")
-        head = trainer.teacher.head
-        neighbours = used_neighbours(trainer, matches, values)
-        with autocast(trainer):
-            features = head.bottlenecks(cls, objects.transpose(0, 1).flatten(0, 1), neighbours)
-        clock.lap("teacher_head_mlp")
-        targets = teacher_targets(trainer, features, matches.cycle_mask, values)
-        clock.lap("teacher_targets")
-    return TeacherOutput(
-        targets=targets,
-        assignment=assignment,
-        valid=valid,
-        objects=objects,
-        objects_per_image=per_image,
-        cycle_mask=matches.cycle_mask,
-    )
-
-
-def _split_backward(trainer: Any, loss: Any, tokens: Any, leaf: Any, values: Any, clock: common.PhaseClock) -> None:
-    """``cribo.train.optimiser_step`` with its backward cut in two at the student's tokens (same gradients)."""
-    from cribo.train import apply_gradients
-
-    trainer.optimizer.zero_grad(set_to_none=True)
-    trainer.scaler.scale(loss).backward()
-    clock.lap("heads_loss_backward")
-    tokens.backward(leaf.grad)
-    clock.lap("student_backbone_backward")
-    apply_gradients(trainer, values)
-    clock.lap("optimiser")
-
-
-def _student_phases(trainer: Any, images: Any, teacher: Any, values: Any, clock: common.PhaseClock) -> Any:
-    """``StudentStep.forward`` unrolled with laps, the backbone's tokens detached into a leaf (see below)."""
-    from cribo.losses import student_terms
-    from cribo.train import autocast, compute_dtype, student_features, weighted_loss
-
-    network = trainer.student
-    with autocast(trainer):
-        tokens = network(images)
-    clock.lap("student_backbone_forward")
-    leaf = tokens.detach().requires_grad_()
-    with autocast(trainer):
-        features = student_features(network, leaf, teacher.assignment, teacher.valid)
-    clock.lap("student_head_mlp")
-    criterion = trainer.criterion
-    with autocast(trainer):
-        terms = student_terms(
-            *features,
-            *network.head.last_layer_parameters(),
-            teacher.targets,
-            criterion.student_temp,
-            criterion.student_temp_c,
-            compute_dtype=compute_dtype(trainer),
-        )
-    loss = weighted_loss(terms, trainer.config)
-    clock.lap("loss")
-    return tokens, leaf, loss
-
-
-def instrumented_step(trainer: Any, batch: Any, clock: common.PhaseClock) -> dict[str, float]:
-    """One ``train_step`` with a lap after each phase; returns per-step counts (objects, cycle-consistent).
-
-    The student's ``StudentStep.forward`` (backbone, split, pooling, head MLP, fused last layers + loss) is
-    unrolled: the backbone's tokens are detached into a leaf so that the backward can be timed in two parts,
-    heads + loss and backbone; the gradients are the same as with the single backward.
+    Returns per-step counts (objects, cycle-consistent matches). The DINO floor is the same step on a trainer
+    built with ``dino=True`` (object-level loss weights 0: no clustering, matching, object heads or bank push).
     """
-    from cribo import distributed
-    from cribo.teacher import ema_update
+    from cribo.step import train_step
 
-    clock.start()
-    values, images, positions = _step_inputs(trainer, batch)
-    teacher = _teacher_phases(trainer, images, positions, values, clock)
-    tokens, leaf, loss = _student_phases(trainer, images, teacher, values, clock)
-    _split_backward(trainer, loss, tokens, leaf, values, clock)
-    ema_update(trainer.teacher, trainer.student, values.momentum)
-    clock.lap("ema")
-    trainer.bank.push(
-        distributed.all_gather_ragged(teacher.objects), distributed.all_gather_ragged(teacher.objects_per_image)
-    )
-    clock.lap("bank_push")
-    return {
-        "objects": float(teacher.objects.shape[0]),
-        "cycle_consistent": float(teacher.cycle_mask.sum()),
-    }
-
-
-def dino_step(trainer: Any, batch: Any, clock: common.PhaseClock | None = None) -> None:
-    """The DINO floor: two views through teacher and student, [CLS] head + DINO loss, optimiser, EMA.
-
-    The library's own path with no objects: the teacher's [CLS] bottleneck, ``CrIBoLoss.targets`` (global target
-    and centre update; the object and neighbour targets are empty), the student's [CLS] bottleneck,
-    ``student_terms`` (the fused [CLS] cross-entropy; the empty object terms are exact zeros), ``optimiser_step``
-    and ``ema_update``. With a clock, the backward is cut at the tokens as in :func:`instrumented_step`.
-    """
-    import torch
-
-    from cribo.losses import student_terms
-    from cribo.teacher import ema_update
-    from cribo.train import autocast, compute_dtype, optimiser_step, teacher_targets
-
-    lap = clock.lap if clock is not None else (lambda name: None)
     if clock is not None:
         clock.start()
-    values, images, _ = _step_inputs(trainer, batch)
-    dtype = compute_dtype(trainer)
-    head, student_head = trainer.teacher.head, trainer.student.head
-    with torch.no_grad():
-        with autocast(trainer):
-            teacher_cls = trainer.teacher(images)[:, 0]
-        lap("teacher_backbone")
-        with autocast(trainer):
-            features = head.bottleneck(teacher_cls)
-        none = features[:0]
-        no_objects = torch.zeros(2, 0, dtype=torch.bool, device=features.device)
-        targets = teacher_targets(trainer, (features, none, none), no_objects, values)
-        lap("teacher_targets")
-    with autocast(trainer):
-        tokens = trainer.student(images)
-    lap("student_backbone_forward")
-    leaf = tokens.detach().requires_grad_() if clock is not None else tokens
-    with autocast(trainer):
-        student_features = student_head.bottleneck(leaf[:, 0])
-        lap("student_head_mlp")
-        loss = student_terms(
-            student_features,
-            student_features[:0],
-            *student_head.last_layer_parameters(),
-            targets,
-            trainer.criterion.student_temp,
-            trainer.criterion.student_temp_c,
-            compute_dtype=dtype,
-        )["global"]
-    lap("loss")
-    if clock is not None:
-        _split_backward(trainer, loss, tokens, leaf, values, clock)
-    else:
-        optimiser_step(trainer, loss, values)
-    ema_update(trainer.teacher, trainer.student, values.momentum)
-    lap("ema")
+    output = train_step(
+        trainer.modules,
+        trainer.settings,
+        batch,
+        trainer.values(),
+        lap=clock.lap if clock is not None else None,
+        inspect=True,
+    )
+    assert output.teacher is not None
+    return {
+        "objects": float(output.teacher.objects.shape[0]),
+        "cycle_consistent": float(output.teacher.matches.cycle_mask.sum()),
+    }
 
 
 # ------------------------------------------------------------------------------------------------ worker
@@ -395,8 +258,6 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     common.set_threads(job["threads"])
     glibc_default = bool(job.get("glibc_default"))
     import torch
-
-    from cribo.train import train_step
 
     setting = StepSetting(**job["setting"])
     dino = job["kind"] == "dino"
@@ -414,10 +275,7 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
             torch.cuda.reset_peak_memory_stats(trainer.device)
 
         def plain() -> None:
-            if dino:
-                dino_step(trainer, batch)
-            else:
-                train_step(trainer, batch)
+            step(trainer, batch)
 
         for _ in range(job["warmup"]):
             plain()
@@ -453,11 +311,7 @@ def _measure_split(trainer: Any, batch: Any, job: dict[str, Any], dino: bool, sy
     clock = common.PhaseClock(sync=sync)
     runs, counts = [], []
     for index in range(job["repeat"] + 1):
-        if dino:
-            dino_step(trainer, batch, clock)
-            count: dict[str, float] = {}
-        else:
-            count = instrumented_step(trainer, batch, clock)
+        count = step(trainer, batch, clock)
         if index:
             runs.append(dict(clock.phases))
             counts.append(count)
@@ -705,12 +559,12 @@ def _intro(quick: bool, in_process: bool) -> list[str]:
 
 def _split_notes() -> str:
     return (
-        "How the split is taken: `instrumented_step` calls the same library functions as `train_step` in the "
-        "same order (`teacher_side`'s body, then `StudentStep.forward`'s body, the body of `optimiser_step`, "
-        "`ema_update`, `ObjectMemoryBank.push`) with a timer between them. The backward is cut at the student's "
-        "tokens (detached leaf): *heads + loss backward* and *backbone backward* are timed apart; the gradients "
-        "are the same. The heads' last layers are fused with the losses (`cribo.fused`), so the [CLS] and object "
-        "heads cannot be timed apart. Mapping to the authors' phases: teacher forward = teacher backbone; "
+        "How the split is taken: the library's own `cribo.step.train_step` with its `lap` hook, which closes a "
+        "timed phase at the end of each of its phases. The backward is one call; a gradient hook on the student's "
+        "tokens laps when the heads' and losses' backward reaches them, so *heads + loss backward* and *backbone "
+        "backward* are timed apart without changing the step. The heads' last layers are fused with the losses "
+        "(`cribo.fused`), so the [CLS] and object heads cannot be timed apart. Mapping to the authors' phases: "
+        "teacher forward = teacher backbone; "
         "clustering = clustering + object pooling; student forward + backward = student backbone forward + "
         "backward; bank search and update = `match_objects` + `push`; object heads and loss = both heads of "
         "teacher and student (MLP and fused last layers, [CLS] included) + the losses + their backward; optimiser "

@@ -166,18 +166,20 @@ def test_step_quick_in_fresh_subprocesses(tmp_path: Path) -> None:
 
 
 def test_instrumented_step_matches_train_step(bench) -> None:
-    """The timed copy of the step does the library's work: same weights, centres and bank afterwards."""
+    """The timed step is the library's step: same weights, centres and bank afterwards; a lap at every phase."""
     bench_step = bench("bench_step")
-    from cribo.train import train_step
+    from cribo.step import PHASES, train_step
 
     setting = bench_step.QUICK_SETTINGS["tiny"]
     batch = bench_step.random_batch(setting, seed=3)
     trainers = [bench_step.build_step_trainer(setting, "cpu", 1) for _ in range(2)]
     torch.manual_seed(11)
-    train_step(trainers[0], batch)
+    train_step(trainers[0].modules, trainers[0].settings, batch, trainers[0].values())
     torch.manual_seed(11)
-    bench_step.instrumented_step(trainers[1], batch, bench_step.common.PhaseClock())
+    clock = bench_step.common.PhaseClock()
+    bench_step.step(trainers[1], batch, clock)
+    assert list(clock.phases) == list(PHASES) == list(bench_step.FINE_PHASES)
     for kind in ("student", "teacher", "criterion", "bank"):
-        expected = getattr(trainers[0], kind).state_dict()
-        for name, value in getattr(trainers[1], kind).state_dict().items():
-            torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6, msg=f"{kind}.{name}")
+        expected = getattr(trainers[0].modules, kind).state_dict()
+        for name, value in getattr(trainers[1].modules, kind).state_dict().items():
+            torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=f"{kind}.{name}")

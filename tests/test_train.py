@@ -100,16 +100,16 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path: Path, monkeyp
     cfg = tiny_config(tmp_path / "run", max_steps=2)
     train(cfg, progress_bar=False)
     before = (tmp_path / "run" / "checkpoint.pth").read_bytes()
-    import cribo.train as train_module
+    import cribo.step as step_module
 
-    original = train_module.student_terms
+    original = step_module.student_terms
 
     def poisoned(*args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         terms = original(*args, **kwargs)
         terms["global"] = terms["global"] * float("nan")
         return terms
 
-    monkeypatch.setattr(train_module, "student_terms", poisoned)
+    monkeypatch.setattr(step_module, "student_terms", poisoned)
     with pytest.raises(NonFiniteLossError, match="non-finite loss"):
         train(tiny_config(tmp_path / "run", max_steps=4), progress_bar=False)
     assert (tmp_path / "run" / "checkpoint.pth").read_bytes() == before
@@ -167,10 +167,10 @@ def _worker(rank: int, world: int, port: int, output_dir: str, dump_dir: str) ->
     result = fit(trainer, progress_bar=False)
     state = {
         "step": result.step,
-        "student": trainer.student.state_dict(),
-        "teacher": trainer.teacher.state_dict(),
-        "bank": trainer.bank.state_dict(),
-        "criterion": trainer.criterion.state_dict(),
+        "student": trainer.modules.student.state_dict(),
+        "teacher": trainer.modules.teacher.state_dict(),
+        "bank": trainer.modules.bank.state_dict(),
+        "criterion": trainer.modules.criterion.state_dict(),
     }
     torch.save(state, Path(dump_dir) / f"rank{rank}.pt")
     distributed.shutdown()

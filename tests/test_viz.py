@@ -12,7 +12,8 @@ from PIL import Image
 
 from cribo.augment import CropBox
 from cribo.cli import build_parser, main
-from cribo.models import create_backbone, export_backbone
+from cribo.hub import export_backbone
+from cribo.models import create_backbone
 from cribo.viz import (
     DROPPED_GREY,
     EDGE_COLOUR,

@@ -1,21 +1,32 @@
-"""Atomic checkpoint files and the random-number state needed for an exact resume.
+"""Training checkpoints: the trainer's state as a file, written atomically, and its exact restoration.
 
 A run directory holds one ``checkpoint.pth`` (rewritten in place, atomically: temp file, fsync, rename) and,
 optionally, snapshots ``checkpointNNNN.pth``. The file is a plain dict of tensors, numbers, strings and nested
-dicts/lists of them, so it loads with ``torch.load(weights_only=True)``.
+dicts/lists of them (:func:`trainer_state`), so it loads with ``torch.load(weights_only=True)``; with the
+random-number states it holds, :func:`load_trainer` resumes a run bit for bit.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from cribo import config as config_lib
+from cribo import distributed
+
+if TYPE_CHECKING:
+    from cribo.train import Trainer
+
+logger = logging.getLogger(__name__)
+
 CHECKPOINT_NAME = "checkpoint.pth"
+SNAPSHOT_NAME = "checkpoint{epoch:04d}.pth"
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -76,3 +87,73 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
+def trainer_state(trainer: Trainer) -> dict[str, Any]:
+    """Everything needed for an exact resume of ``trainer``."""
+    modules = trainer.modules
+    return {
+        "student": modules.student.state_dict(),
+        "teacher": modules.teacher.state_dict(),
+        "optimizer": modules.optimizer.state_dict(),
+        "scaler": modules.scaler.state_dict(),
+        "criterion": modules.criterion.state_dict(),
+        "bank": modules.bank.state_dict(),
+        "epoch": trainer.epoch,
+        "step": trainer.step,
+        "iters_per_epoch": trainer.iters_per_epoch,
+        "world_size": distributed.world_size(),
+        "skipped_images": trainer.skipped_images,
+        "rng": rng_state(),
+        "cluster_rng": modules.cluster_generator.get_state(),
+        "config": config_lib.to_dict(trainer.config),
+        "history": trainer.history,
+    }
+
+
+def save_trainer(trainer: Trainer, output_dir: Path, snapshot: bool = False) -> None:
+    """Write ``checkpoint.pth`` atomically (rank 0), and a numbered snapshot when asked."""
+    if not distributed.is_main_process():
+        return
+    state = trainer_state(trainer)
+    atomic_save(state, output_dir / CHECKPOINT_NAME)
+    if snapshot:
+        atomic_save(state, output_dir / SNAPSHOT_NAME.format(epoch=trainer.epoch))
+
+
+def load_trainer(trainer: Trainer, state: dict[str, Any]) -> None:
+    """Restore a :func:`trainer_state` into a freshly built trainer.
+
+    If the number of steps per epoch changed (other data size, batch size or number of processes), the position
+    is carried over by images seen in the current epoch and a warning says the resume is no longer exact.
+    """
+    modules = trainer.modules
+    modules.student.load_state_dict(state["student"])
+    modules.teacher.load_state_dict(state["teacher"])
+    modules.optimizer.load_state_dict(state["optimizer"])
+    modules.scaler.load_state_dict(state["scaler"])
+    modules.criterion.load_state_dict(state["criterion"])
+    modules.bank.load_state_dict(state["bank"])
+    modules.bank_keys.clear()  # the bank changed other than by a push
+    trainer.epoch, trainer.step = state["epoch"], state["step"]
+    old_iters = state["iters_per_epoch"]
+    if old_iters != trainer.iters_per_epoch:
+        epoch, in_epoch = divmod(state["step"], old_iters)
+        trainer.step = epoch * trainer.iters_per_epoch + in_epoch * trainer.iters_per_epoch // old_iters
+        logger.warning(
+            "the checkpoint has %d steps per epoch (world size %d), this run %d (world size %d): continuing at "
+            "step %d of epoch %d; the resume is not bit-exact",
+            old_iters,
+            state.get("world_size", 1),
+            trainer.iters_per_epoch,
+            distributed.world_size(),
+            trainer.step,
+            epoch,
+        )
+    trainer.skipped_images = state.get("skipped_images", 0)
+    trainer.history = list(state.get("history", []))
+    modules.cluster_generator.set_state(state["cluster_rng"])
+    if distributed.rank() == 0:
+        set_rng_state(state["rng"])
+    else:  # other ranks continue from a distinct, reproducible stream
+        torch.manual_seed(trainer.config.run.seed + distributed.rank() + trainer.step)

@@ -145,7 +145,7 @@ def command_presets(args: argparse.Namespace) -> int:
 
 
 def command_export(args: argparse.Namespace) -> int:
-    from cribo.models import export_backbone, load_backbone
+    from cribo.hub import export_backbone, load_backbone
 
     backbone, info = load_backbone(args.checkpoint, which=args.which, allow_pickle=args.allow_pickle)
     path = export_backbone(backbone, Path(args.output), arch=info.arch)

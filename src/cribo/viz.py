@@ -651,7 +651,7 @@ def load_images(files: Sequence[str] | None, num_images: int, image_size: int, s
 
 def load_model(args: argparse.Namespace) -> tuple[VisionTransformer, str, torch.device]:
     """The backbone named by ``--backbone`` on ``--device`` in eval mode, and a label for figure titles."""
-    from cribo.models import load_backbone
+    from cribo.hub import load_backbone
     from cribo.runtime import resolve_device
 
     try:

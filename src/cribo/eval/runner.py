@@ -287,7 +287,7 @@ def prepare(options: EvalOptions, backbone: tuple[nn.Module, Any] | None = None)
         raise ValueError("backbone is required: a checkpoint file, random:<arch> or timm:<name>")
     train_set, val_set = build_datasets(options)
     if backbone is None:
-        from cribo.models import load_backbone
+        from cribo.hub import load_backbone
 
         backbone = load_backbone(
             options.backbone,
