@@ -16,7 +16,7 @@ from torch import Tensor
 
 from conftest import CHECKPOINT, WHICH, assert_state_equal
 from cribo.hub import export_backbone, load_backbone, load_network_state
-from cribo.models import CrIBoNetwork, ProjectionHead, backbone_tokens, create_backbone
+from cribo.models import CrIBoNetwork, ProjectionHead, backbone_tokens, create_backbone, interpolate_position_embedding
 
 ATOL = 1e-5
 RTOL = 1e-5
@@ -117,7 +117,7 @@ def test_load_backbone_cribo_checkpoint(tmp_path: Path, checkpoint: dict, backbo
     [
         ("missing", r"missing: norm\.weight"),
         ("unexpected", r"unexpected: blocks\.12\.norm1\.weight"),
-        ("shape", r"wrong shape: pos_embed \(1, 50, 192\) != \(1, 197, 192\)"),
+        ("shape", r"wrong shape: pos_embed \(1, 51, 192\) != \(1, 197, 192\)"),  # not [CLS] + a square grid
     ],
 )
 def test_load_backbone_rejects_mismatched_weights(
@@ -129,7 +129,7 @@ def test_load_backbone_rejects_mismatched_weights(
     elif edit == "unexpected":
         state["blocks.12.norm1.weight"] = torch.ones(192)
     else:
-        state["pos_embed"] = torch.zeros(1, 50, 192)
+        state["pos_embed"] = torch.zeros(1, 51, 192)
     torch.save({"model": state}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match=message):
         load_backbone(tmp_path / "bad.pth")
@@ -211,3 +211,14 @@ def test_random_specs_are_seeded_and_leave_global_rng_alone() -> None:
     assert tiny.pos_embed is not None and tiny.pos_embed.std() > 0
     with pytest.raises(ValueError, match="vit_small"):
         load_backbone("random:vit_enormous")
+
+
+def test_position_embedding_of_another_grid_is_resampled(tmp_path: Path, backbone_state: dict) -> None:
+    """A position embedding learned for a 7x7 grid is resampled to the model's 14x14 as the authors' ViT does."""
+    small = interpolate_position_embedding(backbone_state["pos_embed"], (7, 7), (14, 14))
+    torch.save({"model": {**backbone_state, "pos_embed": small}}, tmp_path / "grid7.pth")
+    backbone, info = load_backbone(tmp_path / "grid7.pth")
+    assert info.position_grid == (7, 7)
+    expected = interpolate_position_embedding(small, (14, 14), (7, 7))
+    assert torch.equal(backbone.pos_embed.detach(), expected)
+    assert backbone.pos_embed.shape == backbone_state["pos_embed"].shape

@@ -56,6 +56,17 @@ def atomic_save(obj: Any, path: Path) -> None:
         os.close(fd)
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a small text file so that ``path`` always holds either the old or the new text."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def load(path: Path) -> dict[str, Any]:
     """Load a cribo checkpoint with the safe loader (it holds no pickled objects)."""
     data = torch.load(Path(path), map_location="cpu", weights_only=True)
@@ -108,6 +119,7 @@ def trainer_state(trainer: Trainer) -> dict[str, Any]:
         "cluster_rng": modules.cluster_generator.get_state(),
         "config": config_lib.to_dict(trainer.config),
         "history": trainer.history,
+        "init": trainer.init,
     }
 
 
@@ -152,6 +164,7 @@ def load_trainer(trainer: Trainer, state: dict[str, Any]) -> None:
         )
     trainer.skipped_images = state.get("skipped_images", 0)
     trainer.history = list(state.get("history", []))
+    trainer.init = dict(state.get("init", {}))
     modules.cluster_generator.set_state(state["cluster_rng"])
     if distributed.rank() == 0:
         set_rng_state(state["rng"])

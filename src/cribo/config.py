@@ -43,6 +43,11 @@ class ModelConfig:
     norm_last_layer: bool = False  # freeze the weight-norm gain of the student's last layers
     use_bn_in_head: bool = False
     drop_path_rate: float = 0.1  # stochastic depth (authors' default)
+    # Start student and teacher from these weights instead of a random init (post-training): any file `cribo eval`
+    # reads (a cribo or the authors' checkpoint: its teacher; a DINO-style state dict; a .safetensors export) or
+    # random:<arch>@<seed> / timm:<name>@<seed>. Heads (and centres) are loaded where the file has them.
+    init: str = ""
+    frozen_blocks: int = 0  # freeze the student's patch embedding and first N blocks (post-training; 0 = none)
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,7 @@ class OptimConfig:
     weight_decay_end: float = 0.4
     momentum_teacher: float = 0.996
     clip_grad: float = 0.0  # max gradient norm; 0 disables clipping
+    backbone_lr_scale: float = 1.0  # the backbone's lr is lr x this (heads: lr); post-training uses < 1
     freeze_last_layer: int = 1  # epochs during which the last layers get no update
     optimizer: Literal["adamw"] = "adamw"
 
@@ -273,7 +279,6 @@ AUTHORS_INERT_KEYS: dict[str, str] = {
     "rank": "read from the launcher's environment",
     "world_size": "read from the launcher's environment",
     "gpu": "read from the launcher's environment",
-    "start_checkpoint_path": "resume from output_dir/checkpoint.pth instead",
 }
 
 
@@ -296,6 +301,10 @@ def from_authors_args(args: dict[str, Any]) -> tuple[dict[str, Any], list[str], 
             inert.append(f"{key}={value!r}: {AUTHORS_INERT_KEYS[key]}")
         elif key == "output_dir":
             continue  # a path on the authors' machines
+        elif key == "start_checkpoint_path":
+            if value:
+                overrides["init"] = value
+                inert.append(f"{key}={value!r}: used as --init (weights, heads, centres; not the optimiser state)")
         elif key in index:
             overrides[key] = value
         else:
@@ -357,6 +366,8 @@ def validate(config: TrainConfig) -> None:
             "--global_crops_scale must satisfy 0 < min <= max <= 1",
         ),
         (0.0 <= config.optim.momentum_teacher <= 1.0, "--momentum_teacher must lie in [0, 1]"),
+        (config.model.frozen_blocks >= 0, "--frozen_blocks must be 0 (none) or a positive number of blocks"),
+        (config.optim.backbone_lr_scale > 0, "--backbone_lr_scale must be positive"),
     ]
     for ok, message in checks:
         if not ok:

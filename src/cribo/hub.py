@@ -12,9 +12,11 @@ Axis letters: D embedding dim.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
+import math
 import pickle
 import re
 from collections.abc import Mapping
@@ -28,7 +30,16 @@ from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from cribo.models import DEFAULT_PATCH_SIZE, EMBED_DIM_TO_ARCH, SHORT_ARCHS, create_backbone
+from cribo.models import (
+    DEFAULT_PATCH_SIZE,
+    EMBED_DIM_TO_ARCH,
+    SHORT_ARCHS,
+    CrIBoNetwork,
+    ProjectionHead,
+    create_backbone,
+    interpolate_position_embedding,
+)
+from cribo.teacher import freeze
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +156,8 @@ class BackboneInfo:
         which: ``teacher``/``student`` entry used for checkpoints holding both, else None.
         loaded_keys: backbone tensors loaded (all of the model's).
         skipped_keys: other entries of the state dict (heads), not loaded.
+        seed: the seed of a random init (None for a file).
+        position_grid: the file's position-embedding grid when it was resampled to the model's (else None).
     """
 
     source: Source
@@ -156,6 +169,8 @@ class BackboneInfo:
     which: str | None = None
     loaded_keys: tuple[str, ...] = ()
     skipped_keys: tuple[str, ...] = ()
+    seed: int | None = None
+    position_grid: tuple[int, int] | None = None
 
 
 @dataclass
@@ -167,6 +182,8 @@ class _StateSource:
     arch: str | None = None
     patch_size: int | None = None
     which: str | None = None
+    centers: Mapping[str, Tensor] | None = None  # the loss centres {"center", "center_c"} of a CrIBo checkpoint
+    settings: Any = None  # the checkpoint's configuration (cribo config dict or the authors' args)
 
 
 def file_sha256(path: Path) -> str:
@@ -252,8 +269,21 @@ def _parse_checkpoint(obj: Any, which: Which, path: Path) -> _StateSource:
             arch=_find_setting(settings, "arch"),
             patch_size=int(patch_size) if patch_size is not None else None,
             which=which,
+            centers=_checkpoint_centers(obj),
+            settings=settings,
         )
     return _StateSource(state=_unwrap_state_dict(obj, which, path), source="dino_state_dict")
+
+
+def _checkpoint_centers(obj: Mapping[str, Any]) -> dict[str, Tensor] | None:
+    """The loss centres of a cribo (``criterion``) or authors' (``dino_loss``) checkpoint, if it has them."""
+    criterion = obj.get("criterion")
+    if isinstance(criterion, Mapping) and {"center.center", "center_c.center"} <= set(criterion):
+        return {"center": criterion["center.center"], "center_c": criterion["center_c.center"]}
+    authors = obj.get("dino_loss")
+    if isinstance(authors, Mapping) and {"center", "center_c"} <= set(authors):
+        return {"center": authors["center"], "center_c": authors["center_c"]}
+    return None
 
 
 def _read_safetensors(path: Path) -> _StateSource:
@@ -293,19 +323,110 @@ def _resolve_architecture(
     return arch, patch_size
 
 
-def _random_backbone(spec: str, patch_size: int | None) -> tuple[VisionTransformer, BackboneInfo]:
-    """``random:<arch>`` / ``timm:<name>``: seeded random init, global RNG untouched."""
+def parse_random_spec(spec: str) -> tuple[str, int]:
+    """``random:<arch>[@<seed>]`` / ``timm:<name>[@<seed>]`` -> ``(arch, seed)``; the seed defaults to 0."""
     name = spec.split(":", 1)[1]
+    seed = RANDOM_INIT_SEED
+    if "@" in name:
+        name, seed_text = name.rsplit("@", 1)
+        if not seed_text.isdigit():
+            raise ValueError(f"spec {spec!r}: the seed after '@' must be a non-negative integer, got {seed_text!r}")
+        seed = int(seed_text)
     if not name:
-        raise ValueError(f"spec {spec!r} names no arch: use 'random:<arch>' ({sorted(SHORT_ARCHS)}) or 'timm:<name>'")
+        raise ValueError(
+            f"spec {spec!r} names no arch: use 'random:<arch>[@<seed>]' ({sorted(SHORT_ARCHS)}) or "
+            "'timm:<name>[@<seed>]'"
+        )
+    return name, seed
+
+
+def _random_backbone(spec: str, patch_size: int | None) -> tuple[VisionTransformer, BackboneInfo]:
+    """``random:<arch>[@<seed>]`` / ``timm:<name>[@<seed>]``: seeded random init, global RNG untouched."""
+    name, seed = parse_random_spec(spec)
     patch = patch_size if patch_size is not None else DEFAULT_PATCH_SIZE
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_INIT_SEED)
+        torch.manual_seed(seed)
         backbone = create_backbone(name, patch)
     info = BackboneInfo(
-        source="random", arch=name, patch_size=backbone.patch_embed.patch_size[0], embed_dim=backbone.embed_dim
+        source="random",
+        arch=name,
+        patch_size=backbone.patch_embed.patch_size[0],
+        embed_dim=backbone.embed_dim,
+        seed=seed,
     )
     return backbone.eval(), info
+
+
+@dataclass(frozen=True)
+class Weights:
+    """The tensors of one weights file, split into backbone, head and loss centres, before any model is built.
+
+    Attributes:
+        backbone: backbone tensors under timm's names.
+        head: ``head.*`` tensors without the prefix (empty when the file has none).
+        centers: ``{"center", "center_c"}`` loss centres of a CrIBo checkpoint, else empty.
+        source: kind of file.
+        arch: the file's arch (given, read from the file, or inferred from the widths).
+        patch_size: its patch size.
+        path: the file (None for a random init).
+        which: ``teacher``/``student`` entry read from a checkpoint holding both, else None.
+        skipped_keys: state-dict entries that are neither backbone nor head.
+        settings: the checkpoint's configuration (a cribo config dict or the authors' args), if any.
+    """
+
+    backbone: dict[str, Tensor]
+    head: dict[str, Tensor]
+    centers: dict[str, Tensor]
+    source: Source
+    arch: str
+    patch_size: int
+    path: Path | None
+    which: str | None = None
+    skipped_keys: tuple[str, ...] = ()
+    settings: Any = None
+
+
+def read_weights(
+    path: str | Path,
+    *,
+    which: Which = "teacher",
+    arch: str | None = None,
+    patch_size: int | None = None,
+    allow_pickle: bool = False,
+) -> Weights:
+    """Read a weights file of any supported layout (see :func:`load_backbone`) with the safe loader.
+
+    Raises:
+        ValueError: the file is missing or holds no state dict, or its arch cannot be told (pass ``arch``).
+    """
+    if which not in ("teacher", "student"):
+        raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(
+            f"spec {str(path)!r} is not a file; expected a checkpoint, a .safetensors file, "
+            "'random:<arch>[@<seed>]' or 'timm:<name>[@<seed>]'"
+        )
+    found = _read_safetensors(path) if path.suffix == ".safetensors" else None
+    if found is None:
+        found = _parse_checkpoint(_torch_load(path, allow_pickle), which, path)
+    backbone_state, skipped = split_backbone_state(found.state)
+    arch_name, patch = _resolve_architecture(backbone_state, arch or found.arch, patch_size or found.patch_size, path)
+    stripped = strip_wrapper_prefixes(found.state)
+    head = {key[len(HEAD_PREFIX) :]: value for key, value in stripped.items() if key.startswith(HEAD_PREFIX)}
+    others = tuple(key for key in skipped if not key.startswith(HEAD_PREFIX))
+    return Weights(
+        backbone=backbone_state,
+        head=head,
+        centers=dict(found.centers or {}),
+        source=found.source,
+        arch=arch_name,
+        patch_size=patch,
+        path=path,
+        which=found.which,
+        skipped_keys=others,
+        settings=found.settings,
+    )
 
 
 def load_backbone(
@@ -322,7 +443,8 @@ def load_backbone(
         spec: a cribo ``checkpoint.pth`` (``teacher``/``student``/``config``), the authors' CrIBo checkpoint
             (``teacher``/``student``/``args``), a DINO-style state dict (possibly nested under
             ``teacher``/``student``/``model``/``state_dict``, keys possibly prefixed ``module.``/``backbone.``),
-            a ``.safetensors`` file, or ``random:<arch>`` / ``timm:<name>`` for random init (seed 0).
+            a ``.safetensors`` file, or ``random:<arch>[@<seed>]`` / ``timm:<name>[@<seed>]`` for a random init
+            (seed 0 unless given). A position embedding learned for another grid is resampled to the model's.
         which: entry of checkpoints holding both networks.
         arch: overrides the file's arch; needed when it cannot be inferred from the weights.
         patch_size: overrides the file's patch size.
@@ -335,47 +457,271 @@ def load_backbone(
         raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
     if isinstance(spec, str) and spec.startswith(("random:", "timm:")):
         return _random_backbone(spec, patch_size)
-    path = Path(spec)
-    if not path.is_file():
-        raise ValueError(
-            f"spec {str(spec)!r} is not a file; expected a checkpoint, a .safetensors file, 'random:<arch>' "
-            "or 'timm:<name>'"
-        )
-    found = _read_safetensors(path) if path.suffix == ".safetensors" else None
-    if found is None:
-        found = _parse_checkpoint(_torch_load(path, allow_pickle), which, path)
-    backbone_state, skipped = split_backbone_state(found.state)
-    arch_name, patch = _resolve_architecture(backbone_state, arch or found.arch, patch_size or found.patch_size, path)
-    backbone = _backbone_from_state(backbone_state, arch_name, patch, path)
+    weights = read_weights(spec, which=which, arch=arch, patch_size=patch_size, allow_pickle=allow_pickle)
+    assert weights.path is not None
+    backbone, grid = _backbone_from_state(weights.backbone, weights.arch, weights.patch_size, weights.path)
     info = BackboneInfo(
-        source=found.source,
-        arch=arch_name,
-        patch_size=patch,
+        source=weights.source,
+        arch=weights.arch,
+        patch_size=weights.patch_size,
         embed_dim=backbone.embed_dim,
-        path=str(path),
-        sha256=file_sha256(path),
-        which=found.which,
-        loaded_keys=tuple(backbone_state),
-        skipped_keys=tuple(skipped),
+        path=str(weights.path),
+        sha256=file_sha256(weights.path),
+        which=weights.which,
+        loaded_keys=tuple(weights.backbone),
+        skipped_keys=tuple(f"{HEAD_PREFIX}{key}" for key in weights.head) + weights.skipped_keys,
+        position_grid=grid,
     )
     logger.info(
-        "loaded %s backbone %s/%d from %s (%d tensors)", info.source, arch_name, patch, path, len(backbone_state)
+        "loaded %s backbone %s/%d from %s (%d tensors)",
+        info.source,
+        info.arch,
+        info.patch_size,
+        weights.path,
+        len(weights.backbone),
     )
     return backbone.eval(), info
 
 
-def _backbone_from_state(state: Mapping[str, Tensor], arch: str, patch_size: int, path: Path) -> VisionTransformer:
-    """A ViT of ``arch``/``patch_size`` (as deep as ``state``) holding exactly the tensors of ``state``, checked."""
+def _backbone_from_state(
+    state: Mapping[str, Tensor], arch: str, patch_size: int, path: Path
+) -> tuple[VisionTransformer, tuple[int, int] | None]:
+    """A ViT of ``arch``/``patch_size`` (as deep as ``state``) holding exactly the tensors of ``state``, checked.
+
+    Returns the backbone and the file's position grid when it was resampled to the model's (else None).
+    """
     backbone = _backbone_to_load(arch, patch_size)
     shallow = depth_of_state(state)
     if shallow is not None and shallow < len(backbone.blocks):  # a shallower ViT (e.g. the tiny-cpu preset)
         backbone = _backbone_to_load(arch, patch_size, shallow)
     expected = backbone.state_dict()
+    state, grid = fit_position_embedding(state, tuple(backbone.patch_embed.grid_size))
     check_state_dict(expected, state, f"backbone weights in {path}")
     # The file's tensors are ours alone: the model takes them over (in its own dtype) instead of copying them.
     converted = {key: value.to(expected[key].dtype).contiguous() for key, value in state.items()}
     backbone.load_state_dict(converted, strict=True, assign=True)
-    return backbone
+    return backbone, grid
+
+
+def fit_position_embedding(
+    state: Mapping[str, Tensor], grid: tuple[int, int]
+) -> tuple[dict[str, Tensor], tuple[int, int] | None]:
+    """Resample a backbone state's ``pos_embed`` learned for another square grid to ``grid`` (the authors' bicubic
+    scheme, :func:`cribo.models.interpolate_position_embedding`), the [CLS] entry kept.
+
+    Returns the state (unchanged when the grids agree or it has no square ``pos_embed`` + [CLS]) and the file's grid
+    when it was resampled, else None.
+    """
+    pos_embed = state.get("pos_embed")
+    expected_tokens = 1 + grid[0] * grid[1]
+    if pos_embed is None or pos_embed.ndim != 3 or pos_embed.shape[1] == expected_tokens:
+        return dict(state), None
+    side = math.isqrt(pos_embed.shape[1] - 1)
+    if side * side != pos_embed.shape[1] - 1:
+        return dict(state), None  # not [CLS] + a square grid: check_state_dict names the mismatch
+    resampled = interpolate_position_embedding(pos_embed.float(), grid, (side, side)).to(pos_embed.dtype)
+    return {**state, "pos_embed": resampled}, (side, side)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Whole CrIBo networks: the full checkpoint, and the initialisation of a training run
+
+
+def head_from_state(state: Mapping[str, Tensor], in_dim: int, norm_last_layer: bool = True) -> ProjectionHead:
+    """A :class:`~cribo.models.ProjectionHead` shaped like the ``head.*`` tensors ``state`` (prefix removed) holds.
+
+    Widths, number of MLP layers and batch norm are read from the tensors' names and shapes.
+    """
+    linear = sorted(
+        (int(match.group(1)), value)
+        for key, value in state.items()
+        if (match := re.fullmatch(r"mlp\.(\d+)\.weight", key)) and value.ndim == 2
+    )
+    layers = [value for _, value in linear] or ([state["mlp.weight"]] if "mlp.weight" in state else [])
+    missing = [key for key in ("last_layer.weight_v", "last_layer_c.weight_v") if key not in state]
+    if not layers or missing:
+        raise ValueError(f"head tensors do not describe a CrIBo head: no MLP weights or missing {missing}")
+    return ProjectionHead(
+        in_dim,
+        int(state["last_layer.weight_v"].shape[0]),
+        int(state["last_layer_c.weight_v"].shape[0]),
+        hidden_dim=int(layers[0].shape[0]) if len(layers) > 1 else int(layers[-1].shape[0]),
+        bottleneck_dim=int(layers[-1].shape[0]),
+        num_layers=len(layers),
+        use_bn=any(key.endswith(".running_mean") for key in state),
+        norm_last_layer=norm_last_layer,
+    )
+
+
+@dataclass
+class CriboCheckpoint:
+    """A full CrIBo checkpoint (ours or the authors'): both networks with their heads, and the loss centres.
+
+    Attributes:
+        student: the student network (backbone + head), on CPU.
+        teacher: the teacher network, on CPU, frozen and in eval mode.
+        centers: ``{"center": (1, C), "center_c": (1, Cc)}`` the loss centres.
+        source: ``cribo`` or ``authors_cribo``.
+        arch: the backbones' arch.
+        patch_size: their patch size.
+        path: the file.
+        sha256: its SHA-256.
+        settings: the checkpoint's configuration (our config dict, or the authors' ``argparse.Namespace``).
+    """
+
+    student: CrIBoNetwork
+    teacher: CrIBoNetwork
+    centers: dict[str, Tensor]
+    source: Source
+    arch: str
+    patch_size: int
+    path: Path
+    sha256: str
+    settings: Any
+
+
+def load_cribo_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> CriboCheckpoint:
+    """Load a cribo ``checkpoint.pth`` or the authors' CrIBo checkpoint into student, teacher, heads and centres.
+
+    The same rules as :func:`load_backbone`: the safe loader first (``allow_pickle`` only for trusted files), every
+    tensor of both networks loaded or a ValueError naming the keys.
+
+    Raises:
+        ValueError: the file is not a CrIBo training checkpoint (a backbone alone: use :func:`load_backbone`).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path} is not a file; expected a cribo checkpoint.pth or the authors' CrIBo checkpoint")
+    obj = _torch_load(path, allow_pickle)
+    networks: dict[str, CrIBoNetwork] = {}
+    found: _StateSource | None = None
+    for which in ("student", "teacher"):
+        found = _parse_checkpoint(obj, which, path)
+        if found.source not in ("cribo", "authors_cribo") or found.centers is None:
+            raise ValueError(
+                f"{path} is not a CrIBo training checkpoint (student and teacher with object heads, loss centres); "
+                "for the backbone of another file use load_backbone"
+            )
+        networks[which] = _network_from_state(found, path, norm_last_layer=which == "teacher")
+    assert found is not None and found.centers is not None
+    arch, patch_size = _resolve_architecture(split_backbone_state(found.state)[0], found.arch, found.patch_size, path)
+    teacher = networks["teacher"]
+    freeze(teacher)
+    return CriboCheckpoint(
+        student=networks["student"],
+        teacher=teacher,
+        centers={key: value.clone() for key, value in found.centers.items()},
+        source=found.source,
+        arch=arch,
+        patch_size=patch_size,
+        path=path,
+        sha256=file_sha256(path),
+        settings=found.settings,
+    )
+
+
+def _network_from_state(found: _StateSource, path: Path, norm_last_layer: bool) -> CrIBoNetwork:
+    """Backbone and head of one network of a CrIBo checkpoint, every tensor checked."""
+    backbone_state, _ = split_backbone_state(found.state)
+    arch, patch_size = _resolve_architecture(backbone_state, found.arch, found.patch_size, path)
+    backbone, _ = _backbone_from_state(backbone_state, arch, patch_size, path)
+    stripped = strip_wrapper_prefixes(found.state)
+    head_state = {k[len(HEAD_PREFIX) :]: v for k, v in stripped.items() if k.startswith(HEAD_PREFIX)}
+    if not norm_last_layer:
+        setting = _find_setting(found.settings, "norm_last_layer")
+        norm_last_layer = bool(setting) if setting is not None else False
+    head = head_from_state(head_state, backbone.embed_dim, norm_last_layer)
+    check_state_dict(head.state_dict(), head_state, f"head weights in {path}")
+    head.load_state_dict(head_state, strict=True)
+    return CrIBoNetwork(backbone, head)
+
+
+@dataclass(frozen=True)
+class InitReport:
+    """What ``--init`` loaded into a training run and what starts fresh (logged, and saved as ``init.json``)."""
+
+    spec: str
+    source: str
+    sha256: str | None
+    arch: str
+    patch_size: int
+    backbone_tensors: int
+    position_grid: tuple[int, int] | None  # the file's grid, when its position embedding was resampled
+    head_loaded: tuple[str, ...]
+    head_fresh: tuple[str, ...]
+    centers_loaded: bool
+
+    def lines(self) -> list[str]:
+        """A few readable lines for the log."""
+        grid = ""
+        if self.position_grid is not None:
+            grid = f", position embedding resampled from {self.position_grid[0]}x{self.position_grid[1]}"
+        lines = [
+            f"init: {self.spec} ({self.source}, {self.arch}/{self.patch_size}): all {self.backbone_tensors} backbone "
+            f"tensors loaded into student and teacher{grid}"
+        ]
+        if self.head_loaded and not self.head_fresh:
+            lines.append(f"init: head loaded ({len(self.head_loaded)} tensors)")
+        elif self.head_loaded:
+            fresh = _list_keys(list(self.head_fresh))
+            lines.append(f"init: head partly loaded ({len(self.head_loaded)} tensors); fresh: {fresh}")
+        else:
+            lines.append("init: the projection head starts fresh (the file has no head of this run's shape)")
+        lines.append(f"init: loss centres {'loaded' if self.centers_loaded else 'start at zero'}")
+        return lines
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields."""
+        return {
+            **dataclasses.asdict(self),
+            "position_grid": list(self.position_grid) if self.position_grid else None,
+            "head_loaded": list(self.head_loaded),
+            "head_fresh": list(self.head_fresh),
+        }
+
+
+def read_init_weights(spec: str, patch_size: int, *, allow_pickle: bool = False) -> Weights:
+    """The weights of ``--init SPEC``: any file :func:`load_backbone` reads (its ``teacher`` entry), or a seeded random
+    ``random:<arch>[@<seed>]`` / ``timm:<name>[@<seed>]`` backbone of patch ``patch_size``."""
+    if spec.startswith(("random:", "timm:")):
+        backbone, info = _random_backbone(spec, patch_size)
+        return Weights(dict(backbone.state_dict()), {}, {}, "random", info.arch, info.patch_size, None)
+    return read_weights(spec, allow_pickle=allow_pickle)
+
+
+def initialize_network(network: CrIBoNetwork, weights: Weights, spec: str) -> InitReport:
+    """Copy ``weights`` into ``network``: every backbone tensor (position embedding resampled to the network's grid)
+    or a ValueError naming the keys and the settings to change; each head tensor whose name and shape match.
+
+    Returns what was loaded (loss centres are the caller's: :attr:`Weights.centers`).
+    """
+    backbone = network.backbone
+    state, grid = fit_position_embedding(weights.backbone, tuple(backbone.patch_embed.grid_size))
+    try:
+        check_state_dict(backbone.state_dict(), state, f"the backbone weights of --init {spec}")
+    except ValueError as err:
+        depth = depth_of_state(state)
+        raise ValueError(
+            f"{err}. The file holds a {weights.arch}/{weights.patch_size} with {depth} blocks; set --arch, "
+            "--patch_size and --depth to match it"
+        ) from None
+    with torch.no_grad():
+        backbone.load_state_dict(state, strict=True)
+        own = network.head.state_dict()
+        loaded = {k: v for k, v in weights.head.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+        network.head.load_state_dict({**own, **loaded}, strict=True)
+    return InitReport(
+        spec=spec,
+        source=weights.source,
+        sha256=file_sha256(weights.path) if weights.path is not None else None,
+        arch=weights.arch,
+        patch_size=weights.patch_size,
+        backbone_tensors=len(state),
+        position_grid=grid,
+        head_loaded=tuple(sorted(loaded)),
+        head_fresh=tuple(sorted(set(own) - set(loaded))),
+        centers_loaded=False,
+    )
 
 
 def depth_of_state(state: Mapping[str, Tensor]) -> int | None:

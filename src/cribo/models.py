@@ -152,6 +152,31 @@ def create_backbone(
     return model
 
 
+def freeze_blocks(backbone: VisionTransformer, frozen_blocks: int) -> int:
+    """Freeze the patch embedding, prefix tokens, position embedding and the first ``frozen_blocks`` blocks of a
+    ViT (post-training and fine-tuning keep the early layers); with every block frozen the final norm is frozen
+    too. ``frozen_blocks = 0`` makes every parameter trainable.
+
+    Returns:
+        The number of parameters left trainable in ``backbone``.
+    """
+    depth = len(backbone.blocks)
+    if not 0 <= frozen_blocks <= depth:
+        raise ValueError(f"frozen_blocks={frozen_blocks} must lie in 0..{depth} (the backbone has {depth} blocks)")
+    backbone.requires_grad_(True)
+    if frozen_blocks:
+        frozen: list[nn.Module] = [backbone.patch_embed, *backbone.blocks[:frozen_blocks]]
+        if frozen_blocks == depth:
+            frozen.append(backbone.norm)
+        for module in frozen:
+            module.requires_grad_(False)
+        for name in ("cls_token", "reg_token", "pos_embed"):
+            parameter = getattr(backbone, name, None)
+            if isinstance(parameter, nn.Parameter):
+                parameter.requires_grad_(False)
+    return sum(parameter.numel() for parameter in backbone.parameters() if parameter.requires_grad)
+
+
 def set_fused_attention(backbone: nn.Module, enabled: bool) -> None:
     """Switch timm's fused (``scaled_dot_product_attention``) attention on or off in every attention layer.
 

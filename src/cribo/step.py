@@ -311,10 +311,11 @@ def weighted_loss(terms: dict[str, Tensor], weights: LossWeights) -> Tensor:
 
 
 def set_optimizer_values(optimizer: torch.optim.Optimizer, values: StepValues) -> None:
-    """Write this step's learning rate and weight decay (group 0 only is regularised)."""
+    """Write this step's learning rate (times the group's ``lr_scale``) and weight decay (groups with
+    ``weight_decay_on``; checkpoints older than these keys have two groups, of which the first is regularised)."""
     for index, group in enumerate(optimizer.param_groups):
-        group["lr"] = values.lr
-        if index == 0:
+        group["lr"] = values.lr * group.get("lr_scale", 1.0)
+        if group.get("weight_decay_on", index == 0):
             group["weight_decay"] = values.weight_decay
 
 

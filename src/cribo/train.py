@@ -8,13 +8,14 @@ seeded and saved, so stopping and resuming gives the same weights bit for bit on
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,11 +25,12 @@ from cribo import checkpoint, distributed
 from cribo import config as config_lib
 from cribo.clustering import ClusteringSettings
 from cribo.config import TrainConfig
-from cribo.data.pretrain import Loader, build_loader, iterations_per_epoch
+from cribo.data.pretrain import Batch, Loader, build_loader, iterations_per_epoch
 from cribo.fused import TargetBuilder
+from cribo.hub import InitReport, initialize_network, read_init_weights
 from cribo.losses import CrIBoLoss
 from cribo.memory import ObjectMemoryBank
-from cribo.models import CrIBoNetwork, ProjectionHead, create_backbone
+from cribo.models import CrIBoNetwork, ProjectionHead, create_backbone, freeze_blocks
 from cribo.runtime import autocast_dtype, resolve_device
 from cribo.schedules import (
     last_layer_frozen,
@@ -50,10 +52,14 @@ from cribo.step import (
 )
 from cribo.teacher import freeze
 
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
 __all__ = ["NonFiniteLossError", "Schedules", "TrainResult", "Trainer", "build_trainer", "fit", "train"]
 
 logger = logging.getLogger(__name__)
 
+INIT_REPORT_NAME = "init.json"  # what --init loaded, next to config.yaml
 AUTHORS_STUDENT_TEMP = 0.1  # the [CLS] student temperature the authors' training really uses (README quirk 4)
 CLUSTER_SEED_OFFSET = 1  # the clustering generator of rank r is seeded seed + 1 + r (distinct from the init seed)
 
@@ -117,15 +123,24 @@ def build_step_settings(config: TrainConfig, device: torch.device) -> StepSettin
     )
 
 
-def parameter_groups(model: nn.Module) -> list[dict[str, Any]]:
-    """The authors' two groups: no weight decay on biases and 1-d parameters (norms), decay on the rest."""
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
+def parameter_groups(model: CrIBoNetwork, backbone_lr_scale: float = 1.0) -> list[dict[str, Any]]:
+    """The authors' two groups: no weight decay on biases and 1-d parameters (norms), decay on the rest; frozen
+    parameters left out. With ``backbone_lr_scale != 1`` the backbone's parameters form two more groups whose
+    learning rate is scaled (see :func:`cribo.step.set_optimizer_values`)."""
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if name.endswith(".bias") or param.ndim == 1 else decay).append(param)
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decay = not (name.endswith(".bias") or param.ndim == 1)
+        scale = backbone_lr_scale if name.startswith("backbone.") else 1.0
+        groups.setdefault((decay, scale), []).append(param)
+    scales = sorted({1.0, backbone_lr_scale}, reverse=True)  # the heads' (and, at scale 1, everything's) groups first
+    return [
+        {"params": groups.get((decay, scale), []), "weight_decay_on": decay, "lr_scale": scale}
+        | ({} if decay else {"weight_decay": 0.0})
+        for scale in scales
+        for decay in (True, False)
+    ]
 
 
 def build_modules(config: TrainConfig, settings: StepSettings) -> StepModules:
@@ -136,6 +151,7 @@ def build_modules(config: TrainConfig, settings: StepSettings) -> StepModules:
     teacher = build_network(config, 0.0, True).to(device)
     teacher.load_state_dict(student.state_dict())
     freeze(teacher)
+    freeze_blocks(student.backbone, config.model.frozen_blocks)  # before DDP and the optimiser see the parameters
     criterion = build_criterion(config).to(device)
     student_step: nn.Module = StudentStep(student, (criterion.student_temp, criterion.student_temp_c))
     if distributed.is_enabled():
@@ -149,7 +165,8 @@ def build_modules(config: TrainConfig, settings: StepSettings) -> StepModules:
     ).to(device)
     # The fused AdamW kernel (CPU and CUDA) makes no parameter-sized temporaries; ~4x faster than foreach on CPU.
     fused = device.type in ("cpu", "cuda")
-    optimizer = torch.optim.AdamW(parameter_groups(student), fused=fused, foreach=None if fused else True)
+    groups = parameter_groups(student, config.optim.backbone_lr_scale)
+    optimizer = torch.optim.AdamW(groups, fused=fused, foreach=None if fused else True)
     cluster_seed = config.run.seed + CLUSTER_SEED_OFFSET + rank
     return StepModules(
         teacher=teacher,
@@ -219,6 +236,7 @@ class Trainer:
     step: int = 0  # global step: epochs * iters_per_epoch + step in epoch
     skipped_images: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    init: dict[str, Any] = field(default_factory=dict)  # the InitReport of --init (empty without one)
 
     @property
     def device(self) -> torch.device:
@@ -238,6 +256,33 @@ def build_trainer(config: TrainConfig) -> Trainer:
     data = build_loader(config, device, rank, world)
     iters = iterations_per_epoch(data.sampler.num_items, config.optim.batch_size_per_gpu, world)
     return Trainer(config, modules, settings, Schedules.build(config, iters, world), data, iters)
+
+
+def apply_init(trainer: Trainer) -> InitReport:
+    """Start student and teacher from ``model.init`` (a fresh run only; a resumed run has its own weights).
+
+    The teacher's weights (backbone; head tensors whose shapes fit) go into both networks; the loss centres too
+    when the whole head was loaded. The report is logged and kept in the trainer (saved with the checkpoint).
+    """
+    config, modules = trainer.config, trainer.modules
+    weights = read_init_weights(config.model.init, config.model.patch_size)
+    report = initialize_network(modules.student, weights, config.model.init)
+    modules.teacher.load_state_dict(modules.student.state_dict())
+    criterion = modules.criterion
+    centers = weights.centers
+    fits = (
+        not report.head_fresh
+        and set(centers) == {"center", "center_c"}
+        and centers["center"].shape == criterion.center.center.shape
+        and centers["center_c"].shape == criterion.center_c.center.shape
+    )
+    if fits:
+        criterion.load_authors_centers(centers)
+        report = dataclasses.replace(report, centers_loaded=True)
+    for line in report.lines():
+        logger.info(line)
+    trainer.init = report.to_dict()
+    return report
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -286,7 +331,7 @@ def write_log_line(trainer: Trainer, numbers: dict[str, float], output_dir: Path
             handle.write(json.dumps(record) + "\n")
 
 
-def one_step(trainer: Trainer, batch: Any) -> dict[str, float]:
+def one_step(trainer: Trainer, batch: Batch) -> dict[str, float]:
     """:func:`cribo.step.train_step` at the trainer's position, with the position in a non-finite loss error."""
     try:
         return train_step(trainer.modules, trainer.settings, batch, trainer.values()).log
@@ -297,7 +342,7 @@ def one_step(trainer: Trainer, batch: Any) -> dict[str, float]:
         ) from None
 
 
-def run_epoch(trainer: Trainer, output_dir: Path, progress: Any, stop_at: int) -> None:
+def run_epoch(trainer: Trainer, output_dir: Path, progress: tqdm | None, stop_at: int) -> None:
     """Train from the current position to the end of the epoch, or to global step ``stop_at``."""
     cfg = trainer.config.run
     trainer.data.sampler.set_position(trainer.epoch, trainer.step - trainer.epoch * trainer.iters_per_epoch)
@@ -357,9 +402,13 @@ def fit(trainer: Trainer, progress_bar: bool = True) -> TrainResult:
     if ckpt_path.is_file():
         checkpoint.load_trainer(trainer, checkpoint.load(ckpt_path))
         logger.info("resumed from %s at epoch %d, step %d", ckpt_path, trainer.epoch, trainer.step)
+    elif config.model.init:
+        apply_init(trainer)
     if distributed.is_main_process():
         output_dir.mkdir(parents=True, exist_ok=True)
         config_lib.save(config, output_dir / "config.yaml")
+        if trainer.init:
+            checkpoint.atomic_write_text(output_dir / INIT_REPORT_NAME, json.dumps(trainer.init, indent=2) + "\n")
     distributed.barrier()
     total = config.optim.epochs * trainer.iters_per_epoch
     stop_at = min(total, config.run.max_steps) if config.run.max_steps else total
@@ -381,8 +430,8 @@ def fit(trainer: Trainer, progress_bar: bool = True) -> TrainResult:
     return TrainResult(output_dir, ckpt_path, trainer.epoch, trainer.step, trainer.history)
 
 
-def make_progress(start: int, total: int) -> Any:
+def make_progress(start: int, total: int) -> tqdm:
     """A tqdm bar over global steps with ETA."""
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm as progress_bar
 
-    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, desc="cribo train")
+    return progress_bar(total=total, initial=start, unit="step", dynamic_ncols=True, desc="cribo train")
