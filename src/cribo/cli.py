@@ -14,6 +14,7 @@ from cribo import distributed
 
 if TYPE_CHECKING:
     from cribo.config import TrainConfig
+    from cribo.options import SubParsers
 
 logger = logging.getLogger("cribo")
 
@@ -185,13 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_optional_commands(commands: Any) -> None:
-    """`eval` and `viz` sub-commands (their modules register their own flags)."""
-    from cribo.eval.cli_args import add_eval_parser
+def add_optional_commands(commands: SubParsers) -> None:
+    """`eval` and `viz` sub-commands (flags derived from their options dataclasses by `cribo.options`)."""
+    from cribo.eval.commands import add_eval_parser
+    from cribo.viz.commands import add_viz_parser
 
     add_eval_parser(commands)
-    from cribo.viz import add_viz_parser
-
     add_viz_parser(commands)
 
 

@@ -14,14 +14,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal
 
 import yaml
+
+from cribo.options import coerce
 
 logger = logging.getLogger(__name__)
 
@@ -164,43 +165,6 @@ def to_dict(config: TrainConfig) -> dict[str, dict[str, Any]]:
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """Convert a YAML/JSON/CLI value to the field's declared type, or raise a ValueError naming ``where``."""
-    origin = get_origin(hint)
-    if origin is Literal:
-        choices = get_args(hint)
-        if value not in choices:
-            raise ValueError(f"{where}: {value!r} is not one of {list(choices)}")
-        return value
-    if origin is tuple:
-        items = value.split(",") if isinstance(value, str) else value
-        if not isinstance(items, (list, tuple)) or len(items) != len(get_args(hint)):
-            raise ValueError(f"{where}: expected {len(get_args(hint))} values, got {value!r}")
-        return tuple(_coerce(v, t, where) for v, t in zip(items, get_args(hint)))
-    if origin in (Union, types.UnionType):
-        return value
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
-            return value.lower() in ("true", "1", "yes")
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        raise ValueError(f"{where}: expected true/false, got {value!r}")
-    try:
-        if hint is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        if hint is float:
-            return float(value)
-        if hint is str:
-            return str(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: expected {hint.__name__}, got {value!r}") from None
-    return value
-
-
 def apply_overrides(config: TrainConfig, overrides: dict[str, Any], source: str) -> TrainConfig:
     """Return ``config`` with ``overrides`` applied.
 
@@ -228,7 +192,7 @@ def apply_overrides(config: TrainConfig, overrides: dict[str, Any], source: str)
     sections = {s: getattr(config, s) for s in SECTIONS}
     for name, value in flat.items():
         section, hint = index[name]
-        coerced = _coerce(value, hint, f"{source}: {section}.{name}")
+        coerced = coerce(value, hint, f"{source}: {section}.{name}")
         sections[section] = dataclasses.replace(sections[section], **{name: coerced})
     return TrainConfig(**sections)
 
