@@ -250,6 +250,13 @@ class Trainer:
 def build_trainer(config: TrainConfig) -> Trainer:
     """Construct networks, loss, bank, optimiser, data and schedules from the configuration."""
     device = resolve_device(config.run.device)
+    if not config.model.init and (config.optim.backbone_lr_scale < 1 or config.model.frozen_blocks):
+        logger.warning(
+            "--backbone_lr_scale %g / --frozen_blocks %d are post-training settings, but no --init is given: the "
+            "backbone starts from random weights",
+            config.optim.backbone_lr_scale,
+            config.model.frozen_blocks,
+        )
     world, rank = distributed.world_size(), distributed.rank()
     settings = build_step_settings(config, device)
     modules = build_modules(config, settings)
