@@ -22,8 +22,11 @@ module has no side effects.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -78,11 +81,13 @@ QUICK_SETTINGS: dict[str, StepSetting] = {
 
 @dataclass(frozen=True)
 class AuthorsStep:
-    """The authors' implementation on a 2-core CPU (reference/README.md, "Performance ...")."""
+    """The authors' implementation on a 2-core CPU: measured in this run (``--official``) or quoted."""
 
     seconds: float
     peak_mib: float
-    split: tuple[float, float, float, float, float, float]  # in AUTHOR_PHASES order
+    split: tuple[float, ...]  # in AUTHOR_PHASES order
+    rounds: tuple[float, ...] = ()  # seconds per step of every round, when measured in this run
+    measured: bool = False
 
 
 AUTHOR_PHASES: tuple[str, ...] = (
@@ -93,11 +98,25 @@ AUTHOR_PHASES: tuple[str, ...] = (
     "object heads and loss",
     "optimiser and EMA",
 )
-AUTHORS: dict[str, AuthorsStep] = {
+# Quoted from reference/README.md ("Performance ..."): another run, another day; a labelled secondary column only
+# when the authors' code is measured in the same run (--official).
+QUOTED_AUTHORS: dict[str, AuthorsStep] = {
     "A": AuthorsStep(5.40, 4291, (0.28, 0.91, 1.34, 0.17, 2.62, 0.21)),
     "B": AuthorsStep(0.75, 1623, (0.10, 0.03, 0.36, 0.07, 0.12, 0.06)),
     "C": AuthorsStep(3.57, 4210, (0.43, 0.33, 1.59, 0.27, 0.67, 0.19)),
 }
+# The harness's phases (shared/refharness/bench.py, breakdown_median_s) in AUTHOR_PHASES order.
+HARNESS_PHASES: tuple[str, ...] = (
+    "teacher backbone forward",
+    "clustering (compute_teacher_centroids)",
+    "student forward+backward",
+    "get_nn_centroids",
+    "heads+loss",
+    "optimizer+EMA",
+)
+HARNESS_ENV = "CRIBO_REFHARNESS"  # overrides the harness script's path
+HARNESS = Path(os.environ.get(HARNESS_ENV, common.REPO_ROOT.parent / "shared" / "refharness" / "bench.py"))
+HARNESS_MARK = "RESULT "
 SPEED_GOALS: dict[str, float] = {"A": 2.0, "B": 1.2, "C": 1.5}  # required authors/ours time ratio
 
 # Our fine phases (the laps of cribo.step.train_step, cribo.step.PHASES) -> the authors' six phases.
@@ -328,6 +347,49 @@ def run_job(job: dict[str, Any], in_process: bool) -> dict[str, Any]:
     return measure(job) if in_process else common.run_worker(SCRIPT, job)
 
 
+def run_official(what: list[str], official: Path, threads: int) -> dict[str, Any]:
+    """One measurement of the authors' code through the shared harness, in its own fresh process (their code is
+    imported from ``official`` at run time, never copied): the harness's last ``RESULT`` line."""
+    if not HARNESS.is_file():
+        raise SystemExit(f"--official: the harness {HARNESS} is missing (set {HARNESS_ENV} to its bench.py)")
+    command = [sys.executable, str(HARNESS), "--official", str(official), "--threads", str(threads), *what]
+    done = subprocess.run(
+        command, capture_output=True, text=True, env=common.worker_env(), timeout=common.WORKER_TIMEOUT_S, check=False
+    )
+    lines = [line[len(HARNESS_MARK) :] for line in done.stdout.splitlines() if line.startswith(HARNESS_MARK)]
+    if done.returncode or not lines:
+        tail = "\n".join((done.stdout + done.stderr).splitlines()[-20:])
+        raise RuntimeError(f"the authors' harness failed ({' '.join(command)}, exit {done.returncode}):\n{tail}")
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+def official_step(name: str, args: Any) -> dict[str, Any]:
+    """The authors' step of configuration ``name`` (same warm-up and measured steps as ours)."""
+    what = ["step", "--config", name, "--iters", str(args.repeat), "--warmup", str(args.warmup)]
+    raw = run_official(what, args.official, args.threads)
+    breakdown = raw["breakdown_median_s"]
+    return {
+        "seconds": float(raw["median_s"]),
+        "peak_rss_mib": float(raw["peak_rss_MB"]),
+        "split": [float(breakdown[phase]) for phase in HARNESS_PHASES],
+        "user_s": float(raw["cpu_user_s_per_iter"]),
+        "system_s": float(raw["cpu_sys_s_per_iter"]),
+    }
+
+
+def measured_authors(rounds: Sequence[dict[str, Any]]) -> AuthorsStep:
+    """The authors' figures of this run: the median round's split and peak RSS, every round's seconds."""
+    middle = median_round(rounds)
+    return AuthorsStep(
+        seconds=middle["seconds"],
+        peak_mib=middle["peak_rss_mib"],
+        split=tuple(middle["split"]),
+        rounds=tuple(res["seconds"] for res in rounds),
+        measured=True,
+    )
+
+
 # ------------------------------------------------------------------------------------------------ FLOP account
 
 
@@ -371,7 +433,9 @@ def flop_account(setting: StepSetting, objects: float, neighbours: float) -> dic
 DINO_FLOP_ITEMS = ("teacher backbone", "student backbone (fwd+bwd)", "[CLS] heads (teacher + student fwd+bwd)")
 
 
-def compute_bound(cribo: dict[str, dict[str, Any]], dino: dict[str, dict[str, Any]]) -> list[str]:
+def compute_bound(
+    cribo: dict[str, dict[str, Any]], dino: dict[str, dict[str, Any]], authors: dict[str, AuthorsStep]
+) -> list[str]:
     """How close each step runs to this machine's matrix-product rate, and what the speed goal would need."""
     settings = SETTINGS | QUICK_SETTINGS
     rows, notes = [], []
@@ -380,7 +444,7 @@ def compute_bound(cribo: dict[str, dict[str, Any]], dino: dict[str, dict[str, An
         total, floor_total = sum(account.values()), sum(account[item] for item in DINO_FLOP_ITEMS)
         rate = common.median([cribo[name]["gemm_gflops"], dino[name]["gemm_gflops"]])
         ours, floor = total / cribo[name]["seconds"], floor_total / dino[name]["seconds"]
-        goal = AUTHORS[name].seconds / SPEED_GOALS[name] if name in SPEED_GOALS else math.nan
+        goal = authors[name].seconds / SPEED_GOALS[name] if name in SPEED_GOALS and name in authors else math.nan
         needed = total / goal
         rows.append(
             [
@@ -394,7 +458,7 @@ def compute_bound(cribo: dict[str, dict[str, Any]], dino: dict[str, dict[str, An
                 f"{floor:.0f} ({100 * floor / rate:.0f} %)",
             ]
         )
-        if name in SPEED_GOALS:
+        if name in SPEED_GOALS and name in authors:
             notes.append(
                 f"{name}: the goal needs {100 * needed / rate:.0f} % of the matrix-product rate sustained over the "
                 f"whole step; the plain DINO step reaches {100 * floor / rate:.0f} %, CrIBo {100 * ours / rate:.0f} %"
@@ -433,64 +497,76 @@ def _mark(ok: bool) -> str:
     return "**pass**" if ok else "**FAIL**"
 
 
-def summary_table(results: dict[str, dict[str, Any]]) -> str:
-    """Ours vs the authors: s/step, images/s, peak RSS, ratios and goals."""
+def round_ratios(authors: AuthorsStep, ours: Sequence[float]) -> list[float]:
+    """authors / ours per round: the same round's figures when the authors' code was measured in this run, else the
+    quoted figure over each of our rounds."""
+    theirs = authors.rounds if authors.measured else (authors.seconds,) * len(ours)
+    return [their / our for their, our in zip(theirs, ours, strict=True)]
+
+
+def summary_table(results: dict[str, dict[str, Any]], authors: dict[str, AuthorsStep]) -> str:
+    """Ours vs the authors: s/step, images/s, peak RSS, ratios (per round) and goals."""
     rows = []
+    measured = any(step.measured for step in authors.values())
     for name, res in results.items():
         setting = (SETTINGS | QUICK_SETTINGS)[name]
         ours = res["seconds"]
-        authors = AUTHORS.get(name)
-        ratio = authors.seconds / ours if authors else math.nan
-        goal = SPEED_GOALS.get(name)
-        speed_ok = _mark(ratio >= goal) if goal else "–"
         spread = res.get("round_seconds", [ours])
-        if goal and authors and len(spread) > 1:
-            met = sum(authors.seconds / seconds >= goal for seconds in spread)
-            speed_ok += f" (met in {met} of {len(spread)} rounds)"
-        mem_ok = _mark(res["peak_rss_mib"] < authors.peak_mib) if authors else "–"
-        rows.append(
-            [
-                name,
-                setting.describe(),
-                common.fmt(ours, 3),
-                " / ".join(common.fmt(seconds, 3) for seconds in spread),
-                common.fmt(setting.batch / ours, 1),
-                common.fmt(authors.seconds if authors else math.nan),
-                common.fmt(ratio) + "×",
-                f"≥ {goal}× {speed_ok}" if goal else "–",
-                common.fmt(res["peak_rss_mib"], 0),
-                common.fmt(authors.peak_mib if authors else math.nan, 0),
-                f"< {authors.peak_mib} {mem_ok}" if authors else "–",
-            ]
-        )
+        theirs = authors.get(name)
+        ratios = round_ratios(theirs, spread) if theirs else []
+        ratio = common.median(ratios) if ratios else math.nan
+        goal = SPEED_GOALS.get(name)
+        speed_ok = _mark(ratio >= goal) if goal and ratios else "–"
+        if goal and ratios and len(ratios) > 1:
+            speed_ok += f" (met in {sum(r >= goal for r in ratios)} of {len(ratios)} rounds)"
+        row = [
+            name,
+            setting.describe(),
+            " / ".join(common.fmt(seconds, 3) for seconds in spread),
+            common.fmt(setting.batch / ours, 1),
+            " / ".join(common.fmt(seconds, 3) for seconds in theirs.rounds) if theirs and theirs.measured else "–",
+            common.fmt(ratio) + "×" + (f" ({' / '.join(common.fmt(r) for r in ratios)})" if len(ratios) > 1 else ""),
+            f"≥ {goal}× {speed_ok}" if goal else "–",
+            common.fmt(res["peak_rss_mib"], 0),
+            common.fmt(theirs.peak_mib if theirs else math.nan, 0),
+            f"< authors {_mark(res['peak_rss_mib'] < theirs.peak_mib)}" if theirs else "–",
+        ]
+        if measured:
+            quoted = QUOTED_AUTHORS.get(name)
+            row.append(common.fmt(quoted.seconds, 2) if quoted else "–")
+        rows.append(row)
+    speed = "speed-up, authors / ours (same round: median, every round)" if measured else "speed-up (quoted / ours)"
     headers = [
         "config",
         "setting",
-        "s / step (ours)",
-        "every round, s / step",
-        "images / s",
-        "s / step (authors)",
-        "speed-up (authors / ours)",
+        "ours, s / step (every round)",
+        "images / s (median round)",
+        "authors, s / step, this run (every round)",
+        speed,
         "speed goal",
         "peak RSS MiB (ours)",
-        "peak RSS MiB (authors)",
+        "peak RSS MiB (authors" + (", this run)" if measured else ", quoted)"),
         "memory goal",
-    ]
+    ] + (["authors, quoted s / step (another run, reference/README.md)"] if measured else [])
     return common.markdown_table(headers, rows)
 
 
-def split_table(results: dict[str, dict[str, Any]]) -> str:
-    """The authors' six phases: ours beside theirs, per configuration."""
+def split_table(results: dict[str, dict[str, Any]], authors: dict[str, AuthorsStep]) -> str:
+    """The authors' six phases: ours beside theirs, per configuration (side by side: theirs / ours)."""
     names = list(results)
-    headers = ["phase"] + [f"{n} ours" for n in names] + [f"{n} authors" for n in names if n in AUTHORS]
+    theirs = [n for n in names if n in authors]
+    headers = ["phase"] + [f"{n} ours" for n in names] + [f"{n} authors" for n in theirs]
+    headers += [f"{n} authors / ours" for n in theirs]
     ours = {n: author_phase_seconds(results[n]["phases"]) for n in names}
     rows = []
     for index, phase in enumerate(AUTHOR_PHASES):
         row = [phase] + [common.fmt(ours[n][phase], 3) for n in names]
-        row += [common.fmt(AUTHORS[n].split[index]) for n in names if n in AUTHORS]
+        row += [common.fmt(authors[n].split[index], 3) for n in theirs]
+        row += [common.fmt(authors[n].split[index] / ours[n][phase]) + "×" if ours[n][phase] else "–" for n in theirs]
         rows.append(row)
     total = ["sum of phases"] + [common.fmt(results[n]["instrumented_seconds"], 3) for n in names]
-    total += [common.fmt(sum(AUTHORS[n].split)) for n in names if n in AUTHORS]
+    total += [common.fmt(sum(authors[n].split), 3) for n in theirs]
+    total += [common.fmt(sum(authors[n].split) / results[n]["instrumented_seconds"]) + "×" for n in theirs]
     rows.append(total)
     return common.markdown_table(headers, rows)
 
@@ -510,23 +586,46 @@ def fine_table(results: dict[str, dict[str, Any]]) -> str:
     return common.markdown_table(headers, rows)
 
 
-def floor_tables(cribo: dict[str, dict[str, Any]], dino: dict[str, dict[str, Any]]) -> list[str]:
-    """CrIBo vs the DINO floor: totals, per-phase difference, and a FLOP account."""
+def floor_tables(
+    cribo: dict[str, dict[str, Any]], dino: dict[str, dict[str, Any]], authors: dict[str, AuthorsStep]
+) -> list[str]:
+    """CrIBo vs the DINO floor: totals (and the floor against the authors' whole step), per-phase difference, and a
+    FLOP account."""
     names = list(cribo)
     settings = SETTINGS | QUICK_SETTINGS
-    rows = [
-        [
-            n,
-            common.fmt(cribo[n]["seconds"], 3),
-            common.fmt(dino[n]["seconds"], 3),
-            common.fmt(cribo[n]["seconds"] / dino[n]["seconds"]) + "×",
-            common.fmt(cribo[n]["peak_rss_mib"], 0),
-            common.fmt(dino[n]["peak_rss_mib"], 0),
-        ]
-        for n in names
-    ]
+    rows = []
+    for n in names:
+        floor_rounds = dino[n].get("round_seconds", [dino[n]["seconds"]])
+        theirs = authors.get(n)
+        floor_ratios = round_ratios(theirs, floor_rounds) if theirs else []
+        share = (
+            f"{common.fmt(common.median(floor_ratios))}× ({' / '.join(common.fmt(r) for r in floor_ratios)})"
+            if floor_ratios
+            else "–"
+        )
+        rows.append(
+            [
+                n,
+                common.fmt(cribo[n]["seconds"], 3),
+                common.fmt(dino[n]["seconds"], 3),
+                common.fmt(cribo[n]["seconds"] / dino[n]["seconds"]) + "×",
+                share,
+                f"≥ {SPEED_GOALS[n]}×" if n in SPEED_GOALS else "–",
+                common.fmt(cribo[n]["peak_rss_mib"], 0),
+                common.fmt(dino[n]["peak_rss_mib"], 0),
+            ]
+        )
     totals = common.markdown_table(
-        ["config", "CrIBo s / step", "DINO floor s / step", "CrIBo / DINO", "CrIBo peak RSS MiB", "DINO peak RSS MiB"],
+        [
+            "config",
+            "CrIBo s / step",
+            "DINO floor s / step",
+            "CrIBo / DINO",
+            "authors' whole step / our DINO floor (every round)",
+            "the speed goal CrIBo must reach",
+            "CrIBo peak RSS MiB",
+            "DINO peak RSS MiB",
+        ],
         rows,
     )
     diff_rows = []
@@ -544,16 +643,24 @@ def floor_tables(cribo: dict[str, dict[str, Any]], dino: dict[str, dict[str, Any
     return [totals, diffs, flops]
 
 
-def _intro(quick: bool, in_process: bool) -> list[str]:
+def _intro(quick: bool, in_process: bool, measured: bool) -> list[str]:
     where = "all in this process (--in-process)" if in_process else "each in its own fresh subprocess"
+    authors = (
+        "The authors' code (unmodified, imported from a scratch folder by `shared/refharness/bench.py`, never "
+        "copied) runs in the same rounds, interleaved with ours, each in its own fresh process with the same "
+        "threads, warm-up and measured steps: every ratio is authors / ours from the same round. The figures "
+        "quoted in reference/README.md (another run, another day) appear only in a labelled column."
+        if measured
+        else "The authors' numbers are quoted from another run (their code, unmodified) on a machine of the same "
+        "kind (2 cores), reference/README.md; these machines vary by about 3x from day to day, so ratios against "
+        "them are indicative only: run with `--official DIR` to measure both side by side."
+    )
     return [
-        "One optimisation step of `cribo.train.train_step` on random image tensors and random patch positions "
+        "One optimisation step of `cribo.step.train_step` on random image tensors and random patch positions "
         f"(no data loading), epoch 1 (cross-image term on), drop-path 0.1, fp32; the configurations and the DINO "
         f"floor {where}. *s / step* is the median of the measured steps after warm-up; "
         "*peak RSS* is the whole process's peak resident set (Python + torch included), as in the authors' "
-        "figures. The authors' numbers come from another run (their code, unmodified) on a machine of the same "
-        "kind (2 cores), reference/README.md; runs vary by about ±10 %."
-        + (" **Quick mode: tiny settings, not comparable.**" if quick else ""),
+        "figures. " + authors + (" **Quick mode: tiny settings, not comparable.**" if quick else ""),
     ]
 
 
@@ -574,11 +681,14 @@ def _split_notes() -> str:
     )
 
 
-def report(args: Any, runs: dict[str, dict[str, dict[str, Any]]], argv: Sequence[str]) -> Path:
+def report(
+    args: Any, runs: dict[str, dict[str, dict[str, Any]]], authors: dict[str, AuthorsStep], argv: Sequence[str]
+) -> Path:
     """Write benchmarks/results/bench_step.md."""
     cribo, dino = runs["cribo"], runs["dino"]
+    measured = any(step.measured for step in authors.values())
     body = [
-        *_intro(args.quick, args.in_process),
+        *_intro(args.quick, args.in_process, measured),
         f"Warm-up steps: {args.warmup}; measured steps: {args.repeat} (each for the plain and the instrumented step)"
         + (
             f"; {args.rounds} interleaved rounds (every configuration and kind once per round, each in a fresh "
@@ -587,26 +697,30 @@ def report(args: Any, runs: dict[str, dict[str, dict[str, Any]]], argv: Sequence
             else "."
         ),
         "### Ours vs the authors' implementation",
-        summary_table(cribo),
+        summary_table(cribo, authors),
         "### Split of one step (seconds), the authors' six phases",
-        split_table(cribo),
+        split_table(cribo, authors),
         _split_notes(),
         "### Every lap of the instrumented step (seconds)",
         fine_table(cribo),
         "### The floor: a plain two-view DINO step (item 3)",
-        "Same backbone, same [CLS] head (`out_dim`), same optimiser and EMA, both views through teacher and "
-        "student; no clustering, no object head (`out_dim_c` = 1), no bank.",
-        *floor_tables(cribo, dino),
-        _floor_notes(cribo, dino),
-        *compute_bound(cribo, dino),
-        *malloc_section(cribo, runs["cribo_malloc"]),
+        "The library's own step with the object-level loss weights at 0 (`--weight_object 0 --weight_cross_image "
+        "0`), which makes it DINO's: same backbone, same [CLS] head (`out_dim`), same optimiser and EMA, both views "
+        "through teacher and student; no clustering, no object head, no bank. If the authors' whole step is less "
+        "than the speed goal times this floor, no CrIBo step on top of this backbone can meet the goal.",
+        *floor_tables(cribo, dino, authors),
+        _floor_notes(cribo, dino, authors),
+        *compute_bound(cribo, dino, authors),
+        *malloc_section(cribo, runs["cribo_malloc"], authors),
     ]
     command = common.command_line(SCRIPT.name, argv)
     folder = common.output_dir(args)
     return common.write_section(folder, "bench_step", "One training step (CPU)", command, args.info, body, args.loads)
 
 
-def malloc_section(cribo: dict[str, dict[str, Any]], kept: dict[str, dict[str, Any]]) -> list[str]:
+def malloc_section(
+    cribo: dict[str, dict[str, Any]], kept: dict[str, dict[str, Any]], authors: dict[str, AuthorsStep]
+) -> list[str]:
     """CPU time split (user / system), page faults, and the same step with glibc's default allocator settings."""
     rows = []
     for name, res in cribo.items():
@@ -618,12 +732,12 @@ def malloc_section(cribo: dict[str, dict[str, Any]], kept: dict[str, dict[str, A
         ]
         if name in kept:
             alt = kept[name]
-            authors = AUTHORS.get(name)
+            theirs = authors.get(name)
             row += [
                 common.fmt(alt["seconds"], 3),
                 f"{alt['user_s']:.2f} / {alt['system_s']:.2f}",
                 f"{alt['minor_faults'] / 1e3:.0f} k",
-                common.fmt(authors.seconds / alt["seconds"]) + "×" if authors else "–",
+                common.fmt(theirs.seconds / alt["seconds"]) + "×" if theirs else "–",
                 f"{res['peak_rss_mib']:.0f} / {alt['peak_rss_mib']:.0f}",
             ]
         else:
@@ -654,7 +768,9 @@ def malloc_section(cribo: dict[str, dict[str, Any]], kept: dict[str, dict[str, A
     ]
 
 
-def _floor_notes(cribo: dict[str, dict[str, Any]], dino: dict[str, dict[str, Any]]) -> str:
+def _floor_notes(
+    cribo: dict[str, dict[str, Any]], dino: dict[str, dict[str, Any]], authors: dict[str, AuthorsStep]
+) -> str:
     parts = []
     for name in cribo:
         ours = author_phase_seconds(cribo[name]["phases"])
@@ -670,8 +786,8 @@ def _floor_notes(cribo: dict[str, dict[str, Any]], dino: dict[str, dict[str, Any
         )
     budget = []
     for name in cribo:
-        if name in SPEED_GOALS:
-            allowed = AUTHORS[name].seconds / SPEED_GOALS[name]
+        if name in SPEED_GOALS and name in authors:
+            allowed = authors[name].seconds / SPEED_GOALS[name]
             floor_s = dino[name]["seconds"]
             budget.append(
                 f"{name}: the goal allows {allowed:.2f} s per step, the DINO floor alone takes {floor_s:.2f} s "
@@ -685,6 +801,39 @@ def _floor_notes(cribo: dict[str, dict[str, Any]], dino: dict[str, dict[str, Any
 
 
 # ------------------------------------------------------------------------------------------------ main
+
+
+def measure_kind(
+    kind: str,
+    name: str,
+    index: int,
+    args: Any,
+    pool: dict[str, StepSetting],
+    rounds: dict[str, dict[str, list[dict[str, Any]]]],
+    official: dict[str, list[dict[str, Any]]],
+) -> None:
+    """One measurement of one round: ours (``cribo``, ``dino``, ``cribo_malloc``) or the authors' step."""
+    if kind == "authors":
+        res = official_step(name, args)
+        official[name].append(res)
+        args.loads.append(common.load_1min())
+        print(
+            f"round {index + 1}/{args.rounds} {name} {kind:12s}: {res['seconds']:.3f} s/step, "
+            f"peak RSS {res['peak_rss_mib']:.0f} MiB",
+            flush=True,
+        )
+        return
+    base = {"setting": dataclasses.asdict(pool[name]), "device": args.device, "threads": args.threads}
+    job = base | {"warmup": args.warmup, "repeat": args.repeat, "kind": kind.split("_")[0]}
+    res = run_job(job | {"glibc_default": kind.endswith("malloc")}, args.in_process)
+    rounds[kind][name].append(res)
+    args.loads.append(common.load_1min())
+    print(
+        f"round {index + 1}/{args.rounds} {name} {kind:12s}: {res['seconds']:.3f} s/step "
+        f"({pool[name].batch / res['seconds']:.1f} img/s), peak RSS {res['peak_rss_mib']:.0f} MiB, "
+        f"system {res['system_s']:.2f} s/step, split sum {res['instrumented_seconds']:.3f} s",
+        flush=True,
+    )
 
 
 def median_round(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -707,6 +856,13 @@ def parse_args(argv: Sequence[str]) -> Any:
         default=1,
         help="repeat every measurement in this many interleaved rounds (fresh workers each) and report the "
         "median round with the spread (default 1)",
+    )
+    parser.add_argument(
+        "--official",
+        type=Path,
+        default=os.environ.get("CRIBO_OFFICIAL_DIR") or None,
+        help="folder of the authors' CrIBo code (a scratch clone outside the project): measure it side by side, "
+        "interleaved in every round (default $CRIBO_OFFICIAL_DIR; without it the authors' figures are quoted)",
     )
     parser.add_argument(
         "--no-malloc-diagnostic",
@@ -735,28 +891,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [name for name in names if name not in pool]
     if unknown:
         raise SystemExit(f"--configs: unknown configuration {unknown[0]!r}; valid: {sorted(pool)}")
+    if args.official is not None and args.quick:
+        raise SystemExit("--official measures the authors' A, B and C; it cannot run with --quick")
     # The malloc diagnostic changes the process's allocator for good: only in fresh workers.
     kinds = ["cribo", "dino"] + ([] if args.in_process or not args.malloc_diagnostic else ["cribo_malloc"])
     rounds: dict[str, dict[str, list[dict[str, Any]]]] = {kind: {name: [] for name in names} for kind in kinds}
+    official: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     for index in range(args.rounds):  # interleaved, so that a slow spell of the machine hits every config
         for name in names:
-            base = {"setting": dataclasses.asdict(pool[name]), "device": args.device, "threads": args.threads}
-            base |= {"warmup": args.warmup, "repeat": args.repeat}
-            for kind in kinds:
-                job = {**base, "kind": kind.split("_")[0], "glibc_default": kind.endswith("malloc")}
-                res = run_job(job, args.in_process)
-                rounds[kind][name].append(res)
-                args.loads.append(common.load_1min())
-                print(
-                    f"round {index + 1}/{args.rounds} {name} {kind:12s}: {res['seconds']:.3f} s/step "
-                    f"({pool[name].batch / res['seconds']:.1f} img/s), peak RSS {res['peak_rss_mib']:.0f} MiB, "
-                    f"system {res['system_s']:.2f} s/step, split sum {res['instrumented_seconds']:.3f} s",
-                    flush=True,
-                )
+            order = ["authors", *kinds] if args.official is not None else list(kinds)
+            if index % 2:  # alternate who goes first, so that neither side always runs on a warmer machine
+                order.reverse()
+            for kind in order:
+                measure_kind(kind, name, index, args, pool, rounds, official)
     runs = {"cribo": {}, "dino": {}, "cribo_malloc": {}} | {
         kind: {name: median_round(results) for name, results in by_name.items()} for kind, by_name in rounds.items()
     }
-    path = report(args, runs, argv)
+    authors = (
+        {name: measured_authors(results) for name, results in official.items()}
+        if args.official is not None
+        else {name: QUOTED_AUTHORS[name] for name in names if name in QUOTED_AUTHORS}
+    )
+    path = report(args, runs, authors, argv)
     print(f"wrote {path}")
     return 0
 
