@@ -271,3 +271,16 @@ def test_bank_keys_of_an_authors_layout_import() -> None:
     assert_keys_follow_objects(keys, rebuilt)
     keys.update(rebuilt, rebuilt.push(*random_batch(generator, 3, 4, 3)))
     assert_keys_follow_objects(keys, rebuilt)
+
+
+def test_auto_screens_only_where_bfloat16_products_pay(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cribo import search
+
+    queries, keys = torch.randn(4, 8), torch.randn(MIN_KEYS_TO_SCREEN, 8)
+    decision = search.bfloat16_matmul_pays()
+    assert isinstance(decision, bool) and search.bfloat16_matmul_pays() is decision  # timed once per process
+    for pays in (True, False):
+        monkeypatch.setattr(search, "bfloat16_matmul_pays", lambda pays=pays: pays)
+        assert search.use_screening("auto", queries, keys) is pays
+        assert search.use_screening("bf16", queries, keys)  # asked for explicitly: always
+        assert not search.use_screening("auto", queries, keys[:100])  # a small bank is never screened

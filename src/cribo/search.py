@@ -4,7 +4,9 @@
 nor a normalised copy of the keys: it walks over chunks of keys with a running max/argmax (first index wins on
 ties, as ``argmax``/``topk``). On CPU it screens the keys with a bfloat16 matrix product first and rescores the
 few keys that can still be the float32 maximum (see :func:`screening_margin`): the result is the one of the
-float32 search (same indices; similarities within float32 rounding), 2 to 2.5 times faster. The screen runs in
+float32 search (same indices; similarities within float32 rounding), 2 to 2.5 times faster where the CPU has
+native bfloat16 dot products (elsewhere bfloat16 is emulated and slower than float32: the screen is then left out,
+:func:`bfloat16_matmul_pays`). The screen runs in
 two passes: pass 1 multiplies every chunk of keys with all queries and keeps only the maximum of each block of
 ``SCREEN_BLOCK`` keys (and of each group of blocks); pass 2 rescores the screen's best block of each query, which
 sets the threshold, then the blocks that reach it. The bound assumes what oneDNN documents for bfloat16 matmuls on
@@ -22,7 +24,9 @@ P candidate (block or group, query) pairs.
 
 from __future__ import annotations
 
+import functools
 import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal, get_args
@@ -37,6 +41,7 @@ __all__ = [
     "NORMALIZE_EPS",
     "BankKeys",
     "Screening",
+    "bfloat16_matmul_pays",
     "nearest_neighbours",
     "normalize_to_bfloat16",
     "screening_margin",
@@ -165,12 +170,55 @@ def _check_search_inputs(
 
 
 def use_screening(screening: str, queries: Tensor, keys: Tensor, normalize_keys: bool = True) -> bool:
-    """Whether :func:`nearest_neighbours` screens in bfloat16 (its bound needs unit keys and a CPU GEMM)."""
+    """Whether :func:`nearest_neighbours` screens in bfloat16 (its bound needs unit keys and a CPU GEMM).
+
+    ``auto`` screens on CPU, with at least ``MIN_KEYS_TO_SCREEN`` keys, when this CPU's bfloat16 matrix product
+    is faster than float32 (:func:`bfloat16_matmul_pays`).
+    """
     if screening == "none" or not normalize_keys or queries.shape[0] == 0:
         return False
     if screening == "bf16":
         return True
-    return queries.device.type == "cpu" and keys.shape[0] >= MIN_KEYS_TO_SCREEN
+    return queries.device.type == "cpu" and keys.shape[0] >= MIN_KEYS_TO_SCREEN and bfloat16_matmul_pays()
+
+
+# Shape (keys, D, queries) of the bank-search product timed by bfloat16_matmul_pays (part of a bank chunk).
+PROBE_SHAPE = (2048, 384, 256)
+PROBE_REPEATS = 5
+EMULATED_SLOWDOWN = 4.0  # a first bfloat16 product this much slower than float32 settles it without repeats
+# The screen reads every key in bfloat16 and rescores a few in float32; it pays when bfloat16 products are at
+# least this much faster than float32 ones (about 2x with native bfloat16 dot products).
+SCREEN_SPEEDUP_NEEDED = 1.25
+
+
+@functools.cache
+def bfloat16_matmul_pays() -> bool:
+    """Whether a bfloat16 matrix product is clearly faster than a float32 one on this CPU (timed once per process).
+
+    CPUs with native bfloat16 dot products (AVX512-BF16, AMX) run the screen's products about twice as fast as
+    float32; without them oneDNN emulates bfloat16, 2 to 30 times slower than float32 (measured on this project's
+    machines with ``ONEDNN_MAX_CPU_ISA`` capped), which would make the screen the slowest part of a step. The
+    answer is a fact of the hardware for the life of the process (cached), and changes speed only: the screened
+    and the float32 searches return the same neighbours.
+    """
+    generator = torch.Generator().manual_seed(0)
+    num_keys, dim, num_queries = PROBE_SHAPE
+    keys, queries = torch.randn(num_keys, dim, generator=generator), torch.randn(dim, num_queries, generator=generator)
+
+    def seconds(left: Tensor, right: Tensor) -> float:
+        start = time.perf_counter()
+        torch.mm(left, right)
+        return time.perf_counter() - start
+
+    low = (keys.bfloat16(), queries.bfloat16())
+    float32 = min(seconds(keys, queries) for _ in range(2))  # warm-up included (kernel selection, first touch)
+    if seconds(*low) > EMULATED_SLOWDOWN * float32:  # emulated: no need to time it again
+        return False
+    bfloat16 = math.inf
+    for _ in range(PROBE_REPEATS):  # interleaved, so that a busy spell of the machine hits both
+        float32 = min(float32, seconds(keys, queries))
+        bfloat16 = min(bfloat16, seconds(*low))
+    return bfloat16 * SCREEN_SPEEDUP_NEEDED <= float32
 
 
 def _key_chunks(keys: Tensor, key_mask: Tensor | None, chunk_size: int) -> Iterator[tuple[Tensor, Tensor]]:
