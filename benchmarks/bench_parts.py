@@ -12,16 +12,29 @@
 * Augmentation: ``TwoViewAugmentation(224)`` on one 500x375 RGB image -> two views with positions. Goal
   <= 2.3 ms per image (authors: 6.96 ms); also with ``colour=False`` and with 1 thread.
 
-Every part runs in its own fresh subprocess. ``python benchmarks/bench_parts.py`` (full) or ``--quick``.
-Importing this module has no side effects.
+``--alternatives`` measures, instead, our implementation of two parts against the library's own, interleaved in
+one process (A/B rounds, medians and spread) and writes its own section (``bench_parts_alternatives``):
+
+* Colour ops: our float brightness / contrast / saturation / hue / grayscale (``cribo.augment``) against
+  torchvision transforms v2's, per call on one 224 px view and per image inside ``TwoViewAugmentation`` (the
+  same draws; torchvision's ops clip at 1, so their pipeline works on [0, 1] values).
+* Stochastic depth: ``create_backbone``'s blocks (``SampleDropBlock``: dropped samples skip the residual
+  branch) against timm's own ``Block`` + ``DropPath`` (same weights, same drop draws), student forward + backward
+  of both views at configurations A (ViT-Tiny/16, 224 px, batch 8) and C (ViT-S/16, 224 px, batch 4),
+  drop-path 0.1.
+
+Every part runs in its own fresh subprocess. ``python benchmarks/bench_parts.py`` (full) or ``--quick``;
+``python benchmarks/bench_parts.py --alternatives``. Importing this module has no side effects.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
+import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +75,17 @@ BANK_VARIANTS: tuple[tuple[str, str, int | None], ...] = (
     ("bank_uniform", "uniform", None),
     ("bank_gaussian", "gaussian", None),
 )
+ALTERNATIVES_FULL: dict[str, dict[str, Any]] = {
+    "colour_ops": {"output_size": 224, "calls": 20, "rounds": 25, "warmup": 5},
+    "sample_drop": {"image_size": 224, "depth": None, "drop_path": 0.1, "rounds": 11, "repeat": 3, "warmup": 1},
+}
+ALTERNATIVES_QUICK: dict[str, dict[str, Any]] = {
+    "colour_ops": {"output_size": 64, "calls": 2, "rounds": 2, "warmup": 1},
+    "sample_drop": {"image_size": 32, "depth": 2, "drop_path": 0.5, "rounds": 2, "repeat": 1, "warmup": 0},
+}
+# (row key, arch, images per view) of the stochastic-depth comparison: bench_step's configurations A and C.
+SAMPLE_DROP_CONFIGS: tuple[tuple[str, str, int], ...] = (("A", "vit_tiny", 8), ("C", "vit_small", 4))
+STEP_RESULTS = Path(__file__).resolve().parent / "results" / "bench_step.md"
 AUGMENT_VARIANTS: tuple[tuple[str, bool, int | None], ...] = (
     ("colour", True, None),  # the goal's row: full pipeline, --threads threads
     ("no colour", False, None),
@@ -246,11 +270,195 @@ def measure_augment_steps(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# ------------------------------------------------------------------------------------------------ alternatives
+
+
+def interleaved_rounds(variants: dict[str, Callable[[int], float]], rounds: int) -> dict[str, list[float]]:
+    """Seconds of each variant per round, the variants alternating in order from round to round.
+
+    ``variants[name](round_index)`` runs one round of a variant and returns its time (same work for all).
+    """
+    names = list(variants)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for index in range(rounds):
+        for name in names if index % 2 == 0 else names[::-1]:
+            times[name].append(variants[name](index))
+    return times
+
+
+def ratio_summary(ours: Sequence[float], theirs: Sequence[float]) -> dict[str, Any]:
+    """Medians and spread of two interleaved series and of their per-round ratio theirs / ours."""
+    ratios = [b / a for a, b in zip(ours, theirs)]
+    return {
+        "ours": common.median(ours),
+        "theirs": common.median(theirs),
+        "ours_range": (min(ours), max(ours)),
+        "theirs_range": (min(theirs), max(theirs)),
+        "ratio": common.median(ratios),
+        "ratio_range": (min(ratios), max(ratios)),
+        "ratios": ratios,
+    }
+
+
+@contextlib.contextmanager
+def torchvision_colour_ops(augmentation: Any) -> Iterator[None]:
+    """Within the block, ``augmentation``'s colour pipeline uses torchvision v2's float colour ops.
+
+    The draws are ``cribo.augment``'s (the same calls in the same order). torchvision's float ops clip at 1, so
+    the view is scaled to [0, 1] first (what a torchvision pipeline does when it converts the crop) and the
+    normalisation takes [0, 1] values; the blur, which does not depend on the scale, stays ours.
+    """
+    from unittest import mock
+
+    import torchvision.transforms.v2.functional as tvf
+
+    from cribo import augment
+
+    operations = {
+        "brightness": tvf.adjust_brightness,
+        "contrast": tvf.adjust_contrast,
+        "saturation": tvf.adjust_saturation,
+        "hue": tvf.adjust_hue,
+    }
+    colour_view = augment.colour_view
+
+    def jitter(pixels: Any, steps: Sequence[tuple[str, float]], max_value: float = 1.0) -> Any:
+        for step, factor in steps:
+            pixels = operations[step](pixels, factor)
+        return pixels
+
+    def unit_colour_view(pixels: Any, view_index: int, rng: random.Random) -> Any:
+        return colour_view(pixels.mul_(1.0 / augment.MAX_LEVEL), view_index, rng)  # a fresh float copy
+
+    threshold = (augment.SOLARIZE_THRESHOLD - 0.5) / augment.MAX_LEVEL  # ours: 127.5 on [0, 255]
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(augment, "apply_colour_jitter", jitter))
+        stack.enter_context(mock.patch.object(augment, "grayscale", tvf.rgb_to_grayscale))
+        stack.enter_context(mock.patch.object(augment, "solarize", lambda pixels: tvf.solarize(pixels, threshold)))
+        stack.enter_context(mock.patch.object(augment, "colour_view", unit_colour_view))
+        stack.enter_context(mock.patch.object(augmentation, "_multiplier", augmentation._multiplier * 255.0))
+        yield
+
+
+def colour_op_pairs(view: Any) -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
+    """(ours on [0, 255], torchvision v2 on [0, 1]) for each colour op, on one (3, S, S) float view."""
+    import torchvision.transforms.v2.functional as tvf
+
+    from cribo import augment
+
+    unit = view / augment.MAX_LEVEL
+    return {
+        "brightness (1.2)": (lambda: augment.adjust_brightness(view, 1.2), lambda: tvf.adjust_brightness(unit, 1.2)),
+        "contrast (1.2)": (lambda: augment.adjust_contrast(view, 1.2), lambda: tvf.adjust_contrast(unit, 1.2)),
+        "saturation (1.1)": (lambda: augment.adjust_saturation(view, 1.1), lambda: tvf.adjust_saturation(unit, 1.1)),
+        "hue (0.05)": (lambda: augment.shift_hue(view, 0.05), lambda: tvf.adjust_hue(unit, 0.05)),
+        "grayscale": (lambda: augment.grayscale(view), lambda: tvf.rgb_to_grayscale(unit)),
+    }
+
+
+def measure_colour_ops(job: dict[str, Any]) -> dict[str, Any]:
+    """Ours against torchvision v2's colour ops: per op on one view, and per image in the two-view call."""
+    import numpy as np
+    import torch
+
+    from cribo import augment
+
+    image, size, calls = source_image(), job["output_size"], job["calls"]
+    source = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+    view = augment.crop_view(source, augment.CropBox(20, 30, 300, 360), size).float()
+    results: dict[str, Any] = {}
+    for name, (ours, theirs) in colour_op_pairs(view).items():
+        pair = {"ours": ours, "theirs": theirs}
+        times = interleaved_rounds(
+            {
+                key: lambda _, fn=fn: common.median(common.time_calls(fn, job["warmup"], calls))
+                for key, fn in pair.items()
+            },
+            job["rounds"],
+        )
+        results[name] = ratio_summary(times["ours"], times["theirs"])
+    ours_aug = augment.TwoViewAugmentation(output_size=size)
+    theirs_aug = augment.TwoViewAugmentation(output_size=size)
+
+    def per_image(augmentation: Any, context: Callable[[], Any]) -> Callable[[int], float]:
+        def run(round_index: int) -> float:
+            with context():
+                for seed in range(job["warmup"] if round_index == 0 else 0):
+                    augmentation(image, seed=seed)
+                start = time.perf_counter()
+                for seed in range(round_index * calls, (round_index + 1) * calls):
+                    augmentation(image, seed=seed)
+                return (time.perf_counter() - start) / calls
+
+        return run
+
+    times = interleaved_rounds(
+        {
+            "ours": per_image(ours_aug, contextlib.nullcontext),
+            "theirs": per_image(theirs_aug, lambda: torchvision_colour_ops(theirs_aug)),
+        },
+        job["rounds"],
+    )
+    results["two-view call, per image"] = ratio_summary(times["ours"], times["theirs"])
+    with torchvision_colour_ops(theirs_aug):
+        theirs_views = [theirs_aug(image, seed=seed).images for seed in range(calls)]
+    ours_views = [ours_aug(image, seed=seed).images for seed in range(calls)]
+    std = torch.tensor(augment.IMAGENET_STD).view(3, 1, 1) * augment.MAX_LEVEL
+    levels = torch.stack([(a - b) * std for a, b in zip(ours_views, theirs_views)]).abs()
+    results["difference_levels"] = {"mean": float(levels.mean()), "max": float(levels.max())}
+    return results | {"seconds": results["two-view call, per image"]["ours"], "rise_mib": 0.0}
+
+
+def measure_sample_drop(job: dict[str, Any]) -> dict[str, Any]:
+    """Student forward + backward of both views: ``create_backbone``'s blocks against timm's ``Block``."""
+    import torch
+
+    from cribo.models import backbone_tokens, create_backbone, resolve_arch
+
+    ours = create_backbone(job["arch"], drop_path_rate=job["drop_path"], depth=job["depth"]).train()
+    timm_name, _ = resolve_arch(job["arch"])  # a timm name keeps timm's own Block
+    theirs = create_backbone(timm_name, drop_path_rate=job["drop_path"], depth=job["depth"]).train()
+    theirs.load_state_dict(ours.state_dict())
+    size = job["image_size"]
+    images = torch.randn(2 * job["images"], 3, size, size, generator=torch.Generator().manual_seed(0))
+    outputs = {}
+
+    def step(model: Any, seed: int) -> float:
+        torch.manual_seed(seed)  # the same drop draws for both models
+        start = time.perf_counter()
+        tokens = backbone_tokens(model, images)
+        tokens.square().mean().backward()
+        elapsed = time.perf_counter() - start
+        model.zero_grad(set_to_none=True)
+        outputs[id(model)] = tokens.detach()
+        return elapsed
+
+    def rounds_of(model: Any) -> Callable[[int], float]:
+        def run(round_index: int) -> float:
+            for seed in range(job["warmup"] if round_index == 0 else 0):
+                step(model, seed)
+            first = 1000 + round_index * job["repeat"]
+            return common.median(step(model, seed) for seed in range(first, first + job["repeat"]))
+
+        return run
+
+    times = interleaved_rounds({"ours": rounds_of(ours), "theirs": rounds_of(theirs)}, job["rounds"])
+    difference = float((outputs[id(ours)] - outputs[id(theirs)]).abs().max())  # the last step: same seed
+    return ratio_summary(times["ours"], times["theirs"]) | {
+        "blocks": (type(ours.blocks[0]).__name__, type(theirs.blocks[0]).__name__),
+        "max_difference": difference,
+        "seconds": common.median(times["ours"]),
+        "rise_mib": 0.0,
+    }
+
+
 MEASURES = {
     "clustering": measure_clustering,
     "bank": measure_bank,
     "augment": measure_augment,
     "augment_steps": measure_augment_steps,
+    "colour_ops": measure_colour_ops,
+    "sample_drop": measure_sample_drop,
 }
 
 
@@ -377,9 +585,118 @@ def augment_steps_blocks(steps: dict[str, Any]) -> list[str]:
     ]
 
 
+# ------------------------------------------------------------------------------------------------ alternatives report
+
+
+def recorded_step_seconds(config: str) -> tuple[float, str] | None:
+    """(s / step, commit) of one configuration in the committed bench_step section, if it is there."""
+    if not STEP_RESULTS.is_file():
+        return None
+    text = STEP_RESULTS.read_text()
+    row = re.search(rf"^\| {config} \| [^|]* \| ([0-9.]+) \|", text, re.MULTILINE)
+    commit = re.search(r"commit `([^`]+)`", text)
+    return (float(row.group(1)), commit.group(1) if commit else "unknown") if row else None
+
+
+def _spread(summary: dict[str, Any], key: str, scale: float, digits: int) -> str:
+    low, high = summary[f"{key}_range"]
+    return f"{summary[key] * scale:.{digits}f} ({low * scale:.{digits}f}–{high * scale:.{digits}f})"
+
+
+def _ratio(summary: dict[str, Any]) -> str:
+    return f"{summary['ratio']:.2f}× ({summary['ratio_range'][0]:.2f}–{summary['ratio_range'][1]:.2f})"
+
+
+def colour_ops_blocks(colour: dict[str, Any], sizes: dict[str, Any]) -> list[str]:
+    """Table of ours against torchvision v2's colour ops, and what the difference is worth per training step."""
+    size, rounds = sizes["output_size"], sizes["rounds"]
+    rows = [
+        [name, _spread(res, "ours", 1e3, 3), _spread(res, "theirs", 1e3, 3), _ratio(res)]
+        for name, res in colour.items()
+        if isinstance(res, dict) and "ratio" in res
+    ]
+    call = colour["two-view call, per image"]
+    text = [
+        f"### Colour ops: ours against torchvision transforms v2\n\nOne {size} px view (ops) and one 500x375 image "
+        f"-> two views (`TwoViewAugmentation(...)(image, seed=...)`, {sizes['calls']} images per round, the same "
+        f"seeds for both), {rounds} interleaved rounds in one process: median ms per call (min–max over rounds) and "
+        "the median of the per-round ratios *torchvision / ours* (above 1: ours is faster). torchvision's float ops "
+        "clip at 1, so their pipeline scales the view to [0, 1] first; the draws and the blur are the same. Their "
+        f"views differ from ours by {colour['difference_levels']['mean']:.3f} levels of 255 on average (max "
+        f"{colour['difference_levels']['max']:.2f}: their luma weighs red 0.2989, PIL and ours 0.299).",
+        common.markdown_table(["op", "ours, ms", "torchvision v2, ms", "torchvision / ours"], rows),
+    ]
+    recorded = recorded_step_seconds("A")
+    if recorded is not None:
+        per_step = [call[key] * 8 for key in ("ours", "theirs")]  # configuration A: 8 images per step
+        text.append(
+            f"Per training step of configuration A (8 images), the two-view augmentation costs {per_step[0] * 1e3:.1f} "
+            f"ms with our ops and {per_step[1] * 1e3:.1f} ms with torchvision's, {per_step[0] / recorded[0]:.2%} and "
+            f"{per_step[1] / recorded[0]:.2%} of A's {recorded[0]:.3f} s / step (bench_step section, commit "
+            f"`{recorded[1]}`); it runs in the data-loader workers, on the same 2 cores as the step."
+        )
+    return text
+
+
+def sample_drop_blocks(results: dict[str, dict[str, Any]], sizes: dict[str, Any]) -> list[str]:
+    """Table of SampleDropBlock against timm's Block, student forward + backward."""
+    rows = []
+    for key, arch, images in SAMPLE_DROP_CONFIGS:
+        res = results[f"sample_drop {key}"]
+        rows.append(
+            [
+                f"{key}: {arch}/16, {sizes['image_size']} px, 2 x {images} images, drop-path {sizes['drop_path']}",
+                _spread(res, "ours", 1.0, 3),
+                _spread(res, "theirs", 1.0, 3),
+                _ratio(res),
+                f"{res['max_difference']:.1e}",
+            ]
+        )
+    headers = ["config", f"{res['blocks'][0]}, s", f"timm {res['blocks'][1]}, s", "timm / ours", "max token difference"]
+    return [
+        "### Stochastic depth: SampleDropBlock against timm's Block\n\nOne student forward + backward of both views "
+        f"(`backbone_tokens`, loss = mean square of the tokens), the same weights and the same drop draws (one "
+        f"seed per step, shared), {sizes['rounds']} interleaved rounds of {sizes['repeat']} steps ("
+        f"{sizes['warmup']} warm-up step(s) before the first): median s per step (min–max over rounds) and the "
+        "median per-round ratio "
+        "*timm / ours* (above 1: skipping the dropped samples pays); the token difference is that of the last "
+        "step (the same seed for both). The drop rate grows linearly over the blocks from 0 to the rate shown "
+        f"(timm's rule): a branch drops {sizes['drop_path'] / 2:.0%} of its samples on average.",
+        common.markdown_table(headers, rows),
+    ]
+
+
+def alternatives_report(args: Any, results: dict[str, dict[str, Any]], argv: Sequence[str]) -> Path:
+    sizes = ALTERNATIVES_QUICK if args.quick else ALTERNATIVES_FULL
+    body = [
+        "Our implementation of a part against the library's own, each pair in one fresh subprocess, the two "
+        "alternated round by round so that both see the same load."
+        + (" **Quick mode: tiny settings, not comparable.**" if args.quick else ""),
+        *colour_ops_blocks(results["colour_ops"], sizes["colour_ops"]),
+        *sample_drop_blocks(results, sizes["sample_drop"]),
+    ]
+    command = common.command_line(SCRIPT.name, argv)
+    folder = common.output_dir(args)
+    title = "Parts against the libraries' own (CPU)"
+    return common.write_section(folder, "bench_parts_alternatives", title, command, args.info, body, args.loads)
+
+
+def alternatives_jobs(args: Any) -> dict[str, dict[str, Any]]:
+    """Every measurement of the alternatives section, keyed by its row name."""
+    sizes = ALTERNATIVES_QUICK if args.quick else ALTERNATIVES_FULL
+    todo = {"colour_ops": {"threads": args.threads, "part": "colour_ops", **sizes["colour_ops"]}}
+    for key, arch, images in SAMPLE_DROP_CONFIGS:
+        job = {"threads": args.threads, "part": "sample_drop", "arch": arch, "images": images}
+        todo[f"sample_drop {key}"] = job | sizes["sample_drop"]
+    return todo
+
+
 def parse_args(argv: Sequence[str]) -> Any:
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--in-process", action="store_true", help="measure in this process (no fresh subprocess)")
+    parser.add_argument(
+        "--alternatives", action="store_true", help="ours against the libraries' colour ops and Block instead"
+    )
     return parser.parse_args(argv)
 
 
@@ -406,12 +723,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     args.info, args.loads = common.machine_info(args.threads), []
     results = {}
-    for name, job in jobs(args).items():
+    for name, job in (alternatives_jobs(args) if args.alternatives else jobs(args)).items():
         results[name] = run_job(job, args.in_process)
         args.loads.append(common.load_1min())
         res = results[name]
         print(f"{name}: {res['seconds'] * 1e3:.2f} ms per call, peak RSS rise {res['rise_mib']:.0f} MiB", flush=True)
-    path = report(args, results, QUICK if args.quick else FULL, argv)
+    if args.alternatives:
+        path = alternatives_report(args, results, argv)
+    else:
+        path = report(args, results, QUICK if args.quick else FULL, argv)
     print(f"wrote {path}")
     return 0
 
