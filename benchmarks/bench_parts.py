@@ -12,12 +12,14 @@
 * Augmentation: ``TwoViewAugmentation(224)`` on one 500x375 RGB image -> two views with positions. Goal
   <= 2.3 ms per image (authors: 6.96 ms); also with ``colour=False`` and with 1 thread.
 
-``--alternatives`` measures, instead, our implementation of two parts against the library's own, interleaved in
-one process (A/B rounds, medians and spread) and writes its own section (``bench_parts_alternatives``):
+``--alternatives`` measures, instead, our implementation of two parts against the library's own, timed in
+adjacent A/B pairs in one process (medians and interquartile ranges), and writes its own section
+(``bench_parts_alternatives``):
 
 * Colour ops: our float brightness / contrast / saturation / hue / grayscale (``cribo.augment``) against
   torchvision transforms v2's, per call on one 224 px view and per image inside ``TwoViewAugmentation`` (the
-  same draws; torchvision's ops clip at 1, so their pipeline works on [0, 1] values).
+  same draws; torchvision's ops clip at 1, so their pipeline works on [0, 1] values), with 2 threads and with a
+  data-loader worker's 1.
 * Stochastic depth: ``create_backbone``'s blocks (``SampleDropBlock``: dropped samples skip the residual
   branch) against timm's own ``Block`` + ``DropPath`` (same weights, same drop draws), student forward + backward
   of both views at configurations A (ViT-Tiny/16, 224 px, batch 8) and C (ViT-S/16, 224 px, batch 4),
@@ -32,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import random
 import re
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -76,13 +79,15 @@ BANK_VARIANTS: tuple[tuple[str, str, int | None], ...] = (
     ("bank_gaussian", "gaussian", None),
 )
 ALTERNATIVES_FULL: dict[str, dict[str, Any]] = {
-    "colour_ops": {"output_size": 224, "calls": 20, "rounds": 25, "warmup": 5},
-    "sample_drop": {"image_size": 224, "depth": None, "drop_path": 0.1, "rounds": 11, "repeat": 3, "warmup": 1},
+    "colour_ops": {"output_size": 224, "op_pairs": 200, "image_pairs": 300, "compare_images": 20, "warmup": 5},
+    "sample_drop": {"image_size": 224, "depth": None, "drop_path": 0.1, "pairs": 15, "warmup": 1},
 }
 ALTERNATIVES_QUICK: dict[str, dict[str, Any]] = {
-    "colour_ops": {"output_size": 64, "calls": 2, "rounds": 2, "warmup": 1},
-    "sample_drop": {"image_size": 32, "depth": 2, "drop_path": 0.5, "rounds": 2, "repeat": 1, "warmup": 0},
+    "colour_ops": {"output_size": 64, "op_pairs": 2, "image_pairs": 2, "compare_images": 2, "warmup": 1},
+    "sample_drop": {"image_size": 32, "depth": 2, "drop_path": 0.5, "pairs": 2, "warmup": 0},
 }
+# Torch threads of the colour-op comparison: the benchmark's (2) and a data-loader worker's (torch sets 1).
+COLOUR_THREADS = (2, 1)
 # (row key, arch, images per view) of the stochastic-depth comparison: bench_step's configurations A and C.
 SAMPLE_DROP_CONFIGS: tuple[tuple[str, str, int], ...] = (("A", "vit_tiny", 8), ("C", "vit_small", 4))
 STEP_RESULTS = Path(__file__).resolve().parent / "results" / "bench_step.md"
@@ -273,31 +278,35 @@ def measure_augment_steps(job: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ alternatives
 
 
-def interleaved_rounds(variants: dict[str, Callable[[int], float]], rounds: int) -> dict[str, list[float]]:
-    """Seconds of each variant per round, the variants alternating in order from round to round.
+def interleaved_pairs(ours: Callable[[int], float], theirs: Callable[[int], float], pairs: int) -> dict[str, Any]:
+    """Time the two variants in adjacent pairs, alternating which goes first, and summarise.
 
-    ``variants[name](round_index)`` runs one round of a variant and returns its time (same work for all).
+    ``ours(index)`` / ``theirs(index)`` do the same work (``index`` selects seeds) and return its seconds. Load
+    from other processes changes over seconds; an adjacent pair sees about the same load, so the per-pair ratio
+    is far steadier than either time.
+
+    Returns:
+        Medians and interquartile ranges of both times and of the per-pair ratio ``theirs / ours``.
     """
-    names = list(variants)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for index in range(rounds):
-        for name in names if index % 2 == 0 else names[::-1]:
+    times: dict[str, list[float]] = {"ours": [], "theirs": []}
+    variants = {"ours": ours, "theirs": theirs}
+    for index in range(pairs):
+        for name in ("ours", "theirs") if index % 2 == 0 else ("theirs", "ours"):
             times[name].append(variants[name](index))
-    return times
+    ratios = [b / a for a, b in zip(times["ours"], times["theirs"])]
+    summary: dict[str, Any] = {"pairs": pairs}
+    for name, values in (*times.items(), ("ratio", ratios)):
+        summary[name] = common.median(values)
+        summary[f"{name}_range"] = _quartiles(values)
+    return summary
 
 
-def ratio_summary(ours: Sequence[float], theirs: Sequence[float]) -> dict[str, Any]:
-    """Medians and spread of two interleaved series and of their per-round ratio theirs / ours."""
-    ratios = [b / a for a, b in zip(ours, theirs)]
-    return {
-        "ours": common.median(ours),
-        "theirs": common.median(theirs),
-        "ours_range": (min(ours), max(ours)),
-        "theirs_range": (min(theirs), max(theirs)),
-        "ratio": common.median(ratios),
-        "ratio_range": (min(ratios), max(ratios)),
-        "ratios": ratios,
-    }
+def _quartiles(values: Sequence[float]) -> tuple[float, float]:
+    """(first, third) quartile; both the value itself for a single value."""
+    if len(values) < 2:
+        return values[0], values[0]
+    first, _, third = statistics.quantiles(values, n=4, method="inclusive")
+    return first, third
 
 
 @contextlib.contextmanager
@@ -363,50 +372,41 @@ def measure_colour_ops(job: dict[str, Any]) -> dict[str, Any]:
 
     from cribo import augment
 
-    image, size, calls = source_image(), job["output_size"], job["calls"]
+    torch.set_num_threads(job["aug_threads"])
+    image, size = source_image(), job["output_size"]
     source = torch.from_numpy(np.array(image)).permute(2, 0, 1)
     view = augment.crop_view(source, augment.CropBox(20, 30, 300, 360), size).float()
     results: dict[str, Any] = {}
     for name, (ours, theirs) in colour_op_pairs(view).items():
-        pair = {"ours": ours, "theirs": theirs}
-        times = interleaved_rounds(
-            {
-                key: lambda _, fn=fn: common.median(common.time_calls(fn, job["warmup"], calls))
-                for key, fn in pair.items()
-            },
-            job["rounds"],
+        common.time_calls(ours, job["warmup"], 0)
+        common.time_calls(theirs, job["warmup"], 0)
+        results[name] = interleaved_pairs(
+            lambda _, fn=ours: common.time_calls(fn, 0, 1)[0],
+            lambda _, fn=theirs: common.time_calls(fn, 0, 1)[0],
+            job["op_pairs"],
         )
-        results[name] = ratio_summary(times["ours"], times["theirs"])
-    ours_aug = augment.TwoViewAugmentation(output_size=size)
-    theirs_aug = augment.TwoViewAugmentation(output_size=size)
+    ours_aug, theirs_aug = augment.TwoViewAugmentation(output_size=size), augment.TwoViewAugmentation(output_size=size)
 
-    def per_image(augmentation: Any, context: Callable[[], Any]) -> Callable[[int], float]:
-        def run(round_index: int) -> float:
-            with context():
-                for seed in range(job["warmup"] if round_index == 0 else 0):
-                    augmentation(image, seed=seed)
-                start = time.perf_counter()
-                for seed in range(round_index * calls, (round_index + 1) * calls):
-                    augmentation(image, seed=seed)
-                return (time.perf_counter() - start) / calls
+    def call(augmentation: Any, seed: int) -> float:
+        start = time.perf_counter()
+        augmentation(image, seed=seed)
+        return time.perf_counter() - start
 
-        return run
+    def call_theirs(seed: int) -> float:
+        with torchvision_colour_ops(theirs_aug):
+            return call(theirs_aug, seed)
 
-    times = interleaved_rounds(
-        {
-            "ours": per_image(ours_aug, contextlib.nullcontext),
-            "theirs": per_image(theirs_aug, lambda: torchvision_colour_ops(theirs_aug)),
-        },
-        job["rounds"],
-    )
-    results["two-view call, per image"] = ratio_summary(times["ours"], times["theirs"])
+    for seed in range(job["warmup"]):
+        call(ours_aug, seed), call_theirs(seed)
+    name = "two-view call, per image"
+    results[name] = interleaved_pairs(lambda seed: call(ours_aug, seed), call_theirs, job["image_pairs"])
     with torchvision_colour_ops(theirs_aug):
-        theirs_views = [theirs_aug(image, seed=seed).images for seed in range(calls)]
-    ours_views = [ours_aug(image, seed=seed).images for seed in range(calls)]
+        theirs_views = [theirs_aug(image, seed=seed).images for seed in range(job["compare_images"])]
+    ours_views = [ours_aug(image, seed=seed).images for seed in range(job["compare_images"])]
     std = torch.tensor(augment.IMAGENET_STD).view(3, 1, 1) * augment.MAX_LEVEL
     levels = torch.stack([(a - b) * std for a, b in zip(ours_views, theirs_views)]).abs()
     results["difference_levels"] = {"mean": float(levels.mean()), "max": float(levels.max())}
-    return results | {"seconds": results["two-view call, per image"]["ours"], "rise_mib": 0.0}
+    return results | {"seconds": results[name]["ours"], "rise_mib": 0.0, "threads": torch.get_num_threads()}
 
 
 def measure_sample_drop(job: dict[str, Any]) -> dict[str, Any]:
@@ -433,21 +433,14 @@ def measure_sample_drop(job: dict[str, Any]) -> dict[str, Any]:
         outputs[id(model)] = tokens.detach()
         return elapsed
 
-    def rounds_of(model: Any) -> Callable[[int], float]:
-        def run(round_index: int) -> float:
-            for seed in range(job["warmup"] if round_index == 0 else 0):
-                step(model, seed)
-            first = 1000 + round_index * job["repeat"]
-            return common.median(step(model, seed) for seed in range(first, first + job["repeat"]))
-
-        return run
-
-    times = interleaved_rounds({"ours": rounds_of(ours), "theirs": rounds_of(theirs)}, job["rounds"])
-    difference = float((outputs[id(ours)] - outputs[id(theirs)]).abs().max())  # the last step: same seed
-    return ratio_summary(times["ours"], times["theirs"]) | {
+    for seed in range(job["warmup"]):
+        step(ours, seed), step(theirs, seed)
+    summary = interleaved_pairs(lambda seed: step(ours, seed), lambda seed: step(theirs, seed), job["pairs"])
+    difference = float((outputs[id(ours)] - outputs[id(theirs)]).abs().max())  # the last pair: same seed
+    return summary | {
         "blocks": (type(ours.blocks[0]).__name__, type(theirs.blocks[0]).__name__),
         "max_difference": difference,
-        "seconds": common.median(times["ours"]),
+        "seconds": summary["ours"],
         "rise_mib": 0.0,
     }
 
@@ -603,38 +596,41 @@ def _spread(summary: dict[str, Any], key: str, scale: float, digits: int) -> str
     return f"{summary[key] * scale:.{digits}f} ({low * scale:.{digits}f}–{high * scale:.{digits}f})"
 
 
-def _ratio(summary: dict[str, Any]) -> str:
-    return f"{summary['ratio']:.2f}× ({summary['ratio_range'][0]:.2f}–{summary['ratio_range'][1]:.2f})"
-
-
-def colour_ops_blocks(colour: dict[str, Any], sizes: dict[str, Any]) -> list[str]:
+def colour_ops_blocks(runs: Sequence[dict[str, Any]], sizes: dict[str, Any]) -> list[str]:
     """Table of ours against torchvision v2's colour ops, and what the difference is worth per training step."""
-    size, rounds = sizes["output_size"], sizes["rounds"]
-    rows = [
-        [name, _spread(res, "ours", 1e3, 3), _spread(res, "theirs", 1e3, 3), _ratio(res)]
-        for name, res in colour.items()
-        if isinstance(res, dict) and "ratio" in res
-    ]
-    call = colour["two-view call, per image"]
+    rows = []
+    for colour in runs:
+        for name, res in colour.items():
+            if isinstance(res, dict) and "ratio" in res:
+                threads = colour["threads"]
+                ms = [_spread(res, key, 1e3, 3) for key in ("ours", "theirs")]
+                rows.append([name, threads, *ms, _spread(res, "ratio", 1.0, 2), res["pairs"]])
+    headers = ["op", "threads", "ours, ms", "torchvision v2, ms", "torchvision / ours", "pairs"]
     text = [
-        f"### Colour ops: ours against torchvision transforms v2\n\nOne {size} px view (ops) and one 500x375 image "
-        f"-> two views (`TwoViewAugmentation(...)(image, seed=...)`, {sizes['calls']} images per round, the same "
-        f"seeds for both), {rounds} interleaved rounds in one process: median ms per call (min–max over rounds) and "
-        "the median of the per-round ratios *torchvision / ours* (above 1: ours is faster). torchvision's float ops "
-        "clip at 1, so their pipeline scales the view to [0, 1] first; the draws and the blur are the same. Their "
-        f"views differ from ours by {colour['difference_levels']['mean']:.3f} levels of 255 on average (max "
-        f"{colour['difference_levels']['max']:.2f}: their luma weighs red 0.2989, PIL and ours 0.299).",
-        common.markdown_table(["op", "ours, ms", "torchvision v2, ms", "torchvision / ours"], rows),
+        f"### Colour ops: ours against torchvision transforms v2\n\nEach op on one {sizes['output_size']} px float "
+        "view, and the whole `TwoViewAugmentation(...)(image, seed=...)` call on one 500x375 image (two views + "
+        "positions, the same seed for both variants), timed in adjacent pairs (ours then theirs, then the other "
+        "way round) in one process: the median ms per call and the median per-pair ratio *torchvision / ours* "
+        "(above 1: ours is faster), each with its interquartile range. torchvision's float ops clip at 1, so their "
+        "pipeline scales the view to [0, 1] first; the draws and the blur are the same. Their views differ from "
+        f"ours by {runs[0]['difference_levels']['mean']:.3f} levels of 255 on average (max "
+        f"{runs[0]['difference_levels']['max']:.2f}; their luma weighs red 0.2989, PIL and ours 0.299). With 2 "
+        "threads on a busy 2-core machine the small ops wait on each other (OpenMP); data-loader workers run "
+        "with 1 thread (torch sets it).",
+        common.markdown_table(headers, rows),
     ]
     recorded = recorded_step_seconds("A")
     if recorded is not None:
-        per_step = [call[key] * 8 for key in ("ours", "theirs")]  # configuration A: 8 images per step
-        text.append(
-            f"Per training step of configuration A (8 images), the two-view augmentation costs {per_step[0] * 1e3:.1f} "
-            f"ms with our ops and {per_step[1] * 1e3:.1f} ms with torchvision's, {per_step[0] / recorded[0]:.2%} and "
-            f"{per_step[1] / recorded[0]:.2%} of A's {recorded[0]:.3f} s / step (bench_step section, commit "
-            f"`{recorded[1]}`); it runs in the data-loader workers, on the same 2 cores as the step."
-        )
+        for colour in runs:
+            call = colour["two-view call, per image"]
+            per_step = [call[key] * 8 for key in ("ours", "theirs")]  # configuration A: 8 images per step
+            text.append(
+                f"Per training step of configuration A (8 images), {colour['threads']} thread(s): the two-view "
+                f"augmentation costs {per_step[0] * 1e3:.1f} ms with our ops and {per_step[1] * 1e3:.1f} ms with "
+                f"torchvision's, {per_step[0] / recorded[0]:.2%} and {per_step[1] / recorded[0]:.2%} of A's "
+                f"{recorded[0]:.3f} s / step (bench_step section, commit `{recorded[1]}`), CPU time that the "
+                "data-loader workers take from the same 2 cores as the step."
+            )
     return text
 
 
@@ -648,20 +644,21 @@ def sample_drop_blocks(results: dict[str, dict[str, Any]], sizes: dict[str, Any]
                 f"{key}: {arch}/16, {sizes['image_size']} px, 2 x {images} images, drop-path {sizes['drop_path']}",
                 _spread(res, "ours", 1.0, 3),
                 _spread(res, "theirs", 1.0, 3),
-                _ratio(res),
+                _spread(res, "ratio", 1.0, 3),
+                res["pairs"],
                 f"{res['max_difference']:.1e}",
             ]
         )
-    headers = ["config", f"{res['blocks'][0]}, s", f"timm {res['blocks'][1]}, s", "timm / ours", "max token difference"]
+    blocks = results[f"sample_drop {SAMPLE_DROP_CONFIGS[0][0]}"]["blocks"]
+    headers = ["config", f"{blocks[0]}, s", f"timm {blocks[1]}, s", "timm / ours", "pairs", "max token difference"]
     return [
         "### Stochastic depth: SampleDropBlock against timm's Block\n\nOne student forward + backward of both views "
-        f"(`backbone_tokens`, loss = mean square of the tokens), the same weights and the same drop draws (one "
-        f"seed per step, shared), {sizes['rounds']} interleaved rounds of {sizes['repeat']} steps ("
-        f"{sizes['warmup']} warm-up step(s) before the first): median s per step (min–max over rounds) and the "
-        "median per-round ratio "
-        "*timm / ours* (above 1: skipping the dropped samples pays); the token difference is that of the last "
-        "step (the same seed for both). The drop rate grows linearly over the blocks from 0 to the rate shown "
-        f"(timm's rule): a branch drops {sizes['drop_path'] / 2:.0%} of its samples on average.",
+        "(`backbone_tokens`, loss = mean square of the tokens) with the same weights and the same drop draws (one "
+        f"seed per pair), timed in adjacent pairs alternating which goes first, after {sizes['warmup']} warm-up "
+        "step(s) each: the median s per step and the median per-pair ratio *timm / ours* (above 1: skipping the "
+        "dropped samples pays), each with its interquartile range; the token difference is that of the last pair. "
+        "The drop rate grows linearly over the blocks from 0 to the rate shown (timm's rule): a branch drops "
+        f"{sizes['drop_path'] / 2:.0%} of its samples on average.",
         common.markdown_table(headers, rows),
     ]
 
@@ -669,10 +666,10 @@ def sample_drop_blocks(results: dict[str, dict[str, Any]], sizes: dict[str, Any]
 def alternatives_report(args: Any, results: dict[str, dict[str, Any]], argv: Sequence[str]) -> Path:
     sizes = ALTERNATIVES_QUICK if args.quick else ALTERNATIVES_FULL
     body = [
-        "Our implementation of a part against the library's own, each pair in one fresh subprocess, the two "
-        "alternated round by round so that both see the same load."
+        "Our implementation of a part against the library's own, each comparison in one fresh subprocess, the two "
+        "timed in adjacent, alternating pairs so that both see the same load."
         + (" **Quick mode: tiny settings, not comparable.**" if args.quick else ""),
-        *colour_ops_blocks(results["colour_ops"], sizes["colour_ops"]),
+        *colour_ops_blocks([results[f"colour_ops {threads}"] for threads in COLOUR_THREADS], sizes["colour_ops"]),
         *sample_drop_blocks(results, sizes["sample_drop"]),
     ]
     command = common.command_line(SCRIPT.name, argv)
@@ -684,7 +681,11 @@ def alternatives_report(args: Any, results: dict[str, dict[str, Any]], argv: Seq
 def alternatives_jobs(args: Any) -> dict[str, dict[str, Any]]:
     """Every measurement of the alternatives section, keyed by its row name."""
     sizes = ALTERNATIVES_QUICK if args.quick else ALTERNATIVES_FULL
-    todo = {"colour_ops": {"threads": args.threads, "part": "colour_ops", **sizes["colour_ops"]}}
+    todo = {
+        f"colour_ops {threads}": {"threads": args.threads, "part": "colour_ops", "aug_threads": threads}
+        | sizes["colour_ops"]
+        for threads in COLOUR_THREADS
+    }
     for key, arch, images in SAMPLE_DROP_CONFIGS:
         job = {"threads": args.threads, "part": "sample_drop", "arch": arch, "images": images}
         todo[f"sample_drop {key}"] = job | sizes["sample_drop"]
