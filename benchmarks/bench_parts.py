@@ -32,6 +32,7 @@ Every part runs in its own fresh subprocess. ``python benchmarks/bench_parts.py`
 from __future__ import annotations
 
 import contextlib
+import itertools
 import random
 import re
 import statistics
@@ -80,16 +81,18 @@ BANK_VARIANTS: tuple[tuple[str, str, int | None], ...] = (
 )
 ALTERNATIVES_FULL: dict[str, dict[str, Any]] = {
     "colour_ops": {"output_size": 224, "op_pairs": 200, "image_pairs": 300, "compare_images": 20, "warmup": 5},
-    "sample_drop": {"image_size": 224, "depth": None, "drop_path": 0.1, "pairs": 15, "warmup": 1},
+    "sample_drop": {"image_size": 224, "depth": None, "drop_path": 0.1, "pairs": 12, "warmup": 1},
 }
 ALTERNATIVES_QUICK: dict[str, dict[str, Any]] = {
     "colour_ops": {"output_size": 64, "op_pairs": 2, "image_pairs": 2, "compare_images": 2, "warmup": 1},
     "sample_drop": {"image_size": 32, "depth": 2, "drop_path": 0.5, "pairs": 2, "warmup": 0},
 }
-# Torch threads of the colour-op comparison: the benchmark's (2) and a data-loader worker's (torch sets 1).
-COLOUR_THREADS = (2, 1)
+
 # (row key, arch, images per view) of the stochastic-depth comparison: bench_step's configurations A and C.
 SAMPLE_DROP_CONFIGS: tuple[tuple[str, str, int], ...] = (("A", "vit_tiny", 8), ("C", "vit_small", 4))
+# Both comparisons also run with 1 torch thread: a data-loader worker's count (torch sets it), and one whose CPU
+# time barely depends on other processes' load.
+ALTERNATIVES_EXTRA_THREADS = 1
 STEP_RESULTS = Path(__file__).resolve().parent / "results" / "bench_step.md"
 AUGMENT_VARIANTS: tuple[tuple[str, bool, int | None], ...] = (
     ("colour", True, None),  # the goal's row: full pipeline, --threads threads
@@ -293,9 +296,14 @@ def interleaved_pairs(ours: Callable[[int], float], theirs: Callable[[int], floa
     for index in range(pairs):
         for name in ("ours", "theirs") if index % 2 == 0 else ("theirs", "ours"):
             times[name].append(variants[name](index))
-    ratios = [b / a for a, b in zip(times["ours"], times["theirs"])]
-    summary: dict[str, Any] = {"pairs": pairs}
-    for name, values in (*times.items(), ("ratio", ratios)):
+    return pair_summary(times["ours"], times["theirs"])
+
+
+def pair_summary(ours: Sequence[float], theirs: Sequence[float]) -> dict[str, Any]:
+    """Medians and interquartile ranges of paired times and of their ratios ``theirs / ours``."""
+    ratios = [b / a for a, b in zip(ours, theirs, strict=True)]
+    summary: dict[str, Any] = {"pairs": len(ratios)}
+    for name, values in (("ours", ours), ("theirs", theirs), ("ratio", ratios)):
         summary[name] = common.median(values)
         summary[f"{name}_range"] = _quartiles(values)
     return summary
@@ -421,23 +429,28 @@ def measure_sample_drop(job: dict[str, Any]) -> dict[str, Any]:
     theirs.load_state_dict(ours.state_dict())
     size = job["image_size"]
     images = torch.randn(2 * job["images"], 3, size, size, generator=torch.Generator().manual_seed(0))
-    outputs = {}
+    outputs, cpu_times = {}, {id(ours): [], id(theirs): []}
 
     def step(model: Any, seed: int) -> float:
         torch.manual_seed(seed)  # the same drop draws for both models
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         tokens = backbone_tokens(model, images)
         tokens.square().mean().backward()
         elapsed = time.perf_counter() - start
+        cpu_times[id(model)].append(time.process_time() - start_cpu)
         model.zero_grad(set_to_none=True)
         outputs[id(model)] = tokens.detach()
         return elapsed
 
     for seed in range(job["warmup"]):
         step(ours, seed), step(theirs, seed)
+    for times in cpu_times.values():
+        times.clear()
     summary = interleaved_pairs(lambda seed: step(ours, seed), lambda seed: step(theirs, seed), job["pairs"])
     difference = float((outputs[id(ours)] - outputs[id(theirs)]).abs().max())  # the last pair: same seed
     return summary | {
+        "cpu": pair_summary(cpu_times[id(ours)], cpu_times[id(theirs)]),
+        "threads": torch.get_num_threads(),
         "blocks": (type(ours.blocks[0]).__name__, type(theirs.blocks[0]).__name__),
         "max_difference": difference,
         "seconds": summary["ours"],
@@ -634,32 +647,41 @@ def colour_ops_blocks(runs: Sequence[dict[str, Any]], sizes: dict[str, Any]) -> 
     return text
 
 
-def sample_drop_blocks(results: dict[str, dict[str, Any]], sizes: dict[str, Any]) -> list[str]:
+def thread_counts(threads: int) -> tuple[int, ...]:
+    """The benchmark's thread count, then ``ALTERNATIVES_EXTRA_THREADS`` when it differs."""
+    return (threads,) if threads == ALTERNATIVES_EXTRA_THREADS else (threads, ALTERNATIVES_EXTRA_THREADS)
+
+
+def sample_drop_blocks(results: dict[str, dict[str, Any]], sizes: dict[str, Any], threads: int) -> list[str]:
     """Table of SampleDropBlock against timm's Block, student forward + backward."""
     rows = []
-    for key, arch, images in SAMPLE_DROP_CONFIGS:
-        res = results[f"sample_drop {key}"]
+    for (key, arch, images), count in itertools.product(SAMPLE_DROP_CONFIGS, thread_counts(threads)):
+        res = results[f"sample_drop {key} {count}"]
         rows.append(
             [
                 f"{key}: {arch}/16, {sizes['image_size']} px, 2 x {images} images, drop-path {sizes['drop_path']}",
+                res["threads"],
                 _spread(res, "ours", 1.0, 3),
                 _spread(res, "theirs", 1.0, 3),
                 _spread(res, "ratio", 1.0, 3),
+                _spread(res["cpu"], "ratio", 1.0, 3),
                 res["pairs"],
                 f"{res['max_difference']:.1e}",
             ]
         )
-    blocks = results[f"sample_drop {SAMPLE_DROP_CONFIGS[0][0]}"]["blocks"]
-    headers = ["config", f"{blocks[0]}, s", f"timm {blocks[1]}, s", "timm / ours", "pairs", "max token difference"]
+    blocks = results[f"sample_drop {SAMPLE_DROP_CONFIGS[0][0]} {threads}"]["blocks"]
+    headers = ["config", "threads", f"{blocks[0]}, s", f"timm {blocks[1]}, s", "timm / ours", "timm / ours, CPU time"]
     return [
         "### Stochastic depth: SampleDropBlock against timm's Block\n\nOne student forward + backward of both views "
         "(`backbone_tokens`, loss = mean square of the tokens) with the same weights and the same drop draws (one "
         f"seed per pair), timed in adjacent pairs alternating which goes first, after {sizes['warmup']} warm-up "
-        "step(s) each: the median s per step and the median per-pair ratio *timm / ours* (above 1: skipping the "
-        "dropped samples pays), each with its interquartile range; the token difference is that of the last pair. "
-        "The drop rate grows linearly over the blocks from 0 to the rate shown (timm's rule): a branch drops "
+        "step(s) each: the median wall-clock s per step and the median per-pair ratio *timm / ours* (above 1: "
+        "skipping the dropped samples pays), each with its interquartile range, and the same ratio of the "
+        "process's CPU time (with 1 thread, the work done, nearly independent of other processes; with 2, it "
+        "includes the threads' waits). The token difference is that of the last pair. The drop rate grows "
+        "linearly over the blocks from 0 to the rate shown (timm's rule): a branch drops "
         f"{sizes['drop_path'] / 2:.0%} of its samples on average.",
-        common.markdown_table(headers, rows),
+        common.markdown_table([*headers, "pairs", "max token difference"], rows),
     ]
 
 
@@ -669,8 +691,8 @@ def alternatives_report(args: Any, results: dict[str, dict[str, Any]], argv: Seq
         "Our implementation of a part against the library's own, each comparison in one fresh subprocess, the two "
         "timed in adjacent, alternating pairs so that both see the same load."
         + (" **Quick mode: tiny settings, not comparable.**" if args.quick else ""),
-        *colour_ops_blocks([results[f"colour_ops {threads}"] for threads in COLOUR_THREADS], sizes["colour_ops"]),
-        *sample_drop_blocks(results, sizes["sample_drop"]),
+        *colour_ops_blocks([results[f"colour_ops {n}"] for n in thread_counts(args.threads)], sizes["colour_ops"]),
+        *sample_drop_blocks(results, sizes["sample_drop"], args.threads),
     ]
     command = common.command_line(SCRIPT.name, argv)
     folder = common.output_dir(args)
@@ -684,11 +706,11 @@ def alternatives_jobs(args: Any) -> dict[str, dict[str, Any]]:
     todo = {
         f"colour_ops {threads}": {"threads": args.threads, "part": "colour_ops", "aug_threads": threads}
         | sizes["colour_ops"]
-        for threads in COLOUR_THREADS
+        for threads in thread_counts(args.threads)
     }
-    for key, arch, images in SAMPLE_DROP_CONFIGS:
-        job = {"threads": args.threads, "part": "sample_drop", "arch": arch, "images": images}
-        todo[f"sample_drop {key}"] = job | sizes["sample_drop"]
+    for (key, arch, images), threads in itertools.product(SAMPLE_DROP_CONFIGS, thread_counts(args.threads)):
+        job = {"threads": threads, "part": "sample_drop", "arch": arch, "images": images}
+        todo[f"sample_drop {key} {threads}"] = job | sizes["sample_drop"]
     return todo
 
 
