@@ -115,6 +115,14 @@ def test_parts_quick(bench, tmp_path: Path) -> None:
     assert "clustering" in text and "bank search + update" in text and "colour=False" in text
 
 
+def test_parts_alternatives_quick(bench, tmp_path: Path) -> None:
+    bench_parts = bench("bench_parts")
+    argv = ["--alternatives", "--quick", "--in-process", *ONE_THREAD, "--output-dir", str(tmp_path)]
+    assert bench_parts.main(argv) == 0
+    text = (tmp_path / "bench_parts_alternatives.md").read_text()
+    assert "torchvision / ours" in text and "timm / ours" in text and "SampleDropBlock" in text
+
+
 def test_scaling_quick(bench, tmp_path: Path) -> None:
     bench_scaling = bench("bench_scaling")
     assert bench_scaling.main(["--quick", "--in-process", *ONE_THREAD, "--output-dir", str(tmp_path)]) == 0

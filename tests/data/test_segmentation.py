@@ -7,8 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
+from cribo.augment import TorchRandom, random_crop_box
 from cribo.data.segmentation import (
     ADE20K_CLASS_NAMES,
     VOC_CLASS_NAMES,
@@ -18,6 +20,7 @@ from cribo.data.segmentation import (
     ScenesSegmentation,
     VOCSegmentation,
     build_segmentation_dataset,
+    colour_jitter,
     item_generator,
     random_resized_crop_pair,
     random_scale_crop_flip_pair,
@@ -223,3 +226,37 @@ def test_paired_transforms_keep_image_and_mask_aligned() -> None:
     first = random_resized_crop_pair(pixels, labels, 24, (0.5, 2.0), (0.75, 4 / 3), item_generator(0, 1, 2))
     again = random_resized_crop_pair(pixels, labels, 24, (0.5, 2.0), (0.75, 4 / 3), item_generator(0, 1, 2))
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+def test_random_resized_crop_pair_uses_the_shared_box_sampler() -> None:
+    # Each pixel holds its row-major index: the (bilinear) crop's values lie between those of the box's corners.
+    height, width = 40, 60
+    image = torch.arange(height * width, dtype=torch.float32).view(1, height, width).expand(3, -1, -1)
+    labels = torch.zeros(height, width, dtype=torch.int64)
+    for key in range(10):
+        box = random_crop_box(width, height, (0.1, 0.5), (0.75, 4 / 3), TorchRandom(item_generator(key)))
+        crop, _ = random_resized_crop_pair(
+            image / image.max(), labels, 8, (0.1, 0.5), (0.75, 4 / 3), item_generator(key)
+        )
+        top_left = box.top * width + box.left
+        bottom_right = (box.top + box.height - 1) * width + box.left + box.width - 1
+        assert (
+            top_left - 1e-3 <= float(crop.min() * image.max()) <= float(crop.max() * image.max()) <= bottom_right + 1e-3
+        )
+
+
+def test_colour_jitter_matches_torchvision_float_ops_with_the_same_draws() -> None:
+    # Each change with its probability, in a fixed order; the changes are cribo.augment's float ops, equal to
+    # torchvision's float ops up to the red luma weight (0.299 against 0.2989) and float rounding.
+    pixels = torch.rand(3, 30, 40, generator=torch.Generator().manual_seed(0))
+    adjustments = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    for key in range(20):
+        generator, expected_generator = item_generator(key), item_generator(key)
+        jittered = colour_jitter(pixels, 0.3, 0.5, generator)
+        expected = pixels
+        for adjust in adjustments:
+            if float(torch.rand((), generator=expected_generator)) < 0.5:
+                low, high = (-0.3, 0.3) if adjust is TF.adjust_hue else (0.7, 1.3)
+                expected = adjust(expected, low + (high - low) * float(torch.rand((), generator=expected_generator)))
+        torch.testing.assert_close(jittered, expected.clamp(0, 1), atol=2e-4, rtol=0)
+        assert torch.equal(torch.rand(2, generator=generator), torch.rand(2, generator=expected_generator))

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,12 +36,14 @@ from PIL import Image
 from torch import Tensor
 from torchvision.transforms import InterpolationMode
 
+from cribo.augment import JITTER_STEPS, JitterStep, TorchRandom, apply_colour_jitter, random_crop_box
 from cribo.data.folder import IMAGE_EXTENSIONS, to_rgb
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = 255  # label that no metric or loss counts (VOC borders; ADE20K "other" after remapping)
 MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff")
+SEGMENTATION_FLIP_PROBABILITY = 0.5  # mmseg's RandomFlip(prob=0.5) in the segmentation training pipeline
 
 # Pascal VOC 2012: 20 object classes + background (the devkit's order).
 VOC_CLASS_NAMES = (
@@ -467,40 +468,6 @@ def resize_pair(image: Tensor, mask: Tensor, size: tuple[int, int]) -> tuple[Ten
     return resized.clamp_(0.0, 1.0), labels
 
 
-def _uniform(generator: torch.Generator, low: float, high: float) -> float:
-    return low + (high - low) * float(torch.rand((), generator=generator))
-
-
-def random_resized_crop_box(
-    height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float], generator: torch.Generator
-) -> tuple[int, int, int, int]:
-    """Draw a crop box (top, left, height, width) as torchvision's RandomResizedCrop does, from ``generator``.
-
-    Ten tries at an area fraction in ``scale`` and a log-uniform aspect ratio in ``ratio``; a box that does not
-    fit the image is rejected (scales above 1 therefore mostly fall back); the fallback is the largest centred
-    box with the ratio clamped to ``ratio``.
-    """
-    area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * _uniform(generator, *scale)
-        aspect = math.exp(_uniform(generator, *log_ratio))
-        crop_w = round(math.sqrt(target_area * aspect))
-        crop_h = round(math.sqrt(target_area / aspect))
-        if 0 < crop_w <= width and 0 < crop_h <= height:
-            top = int(torch.randint(0, height - crop_h + 1, (), generator=generator))
-            left = int(torch.randint(0, width - crop_w + 1, (), generator=generator))
-            return top, left, crop_h, crop_w
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        crop_w, crop_h = width, round(width / ratio[0])
-    elif in_ratio > ratio[1]:
-        crop_h, crop_w = height, round(height * ratio[1])
-    else:
-        crop_w, crop_h = width, height
-    return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
-
-
 def random_resized_crop_pair(
     image: Tensor,
     mask: Tensor,
@@ -509,25 +476,39 @@ def random_resized_crop_pair(
     ratio: tuple[float, float],
     generator: torch.Generator,
 ) -> tuple[Tensor, Tensor]:
-    """The same random resized crop of image (bilinear) and mask (nearest) to ``size`` x ``size``."""
-    top, left, crop_h, crop_w = random_resized_crop_box(image.shape[-2], image.shape[-1], scale, ratio, generator)
+    """The same random resized crop of image (bilinear) and mask (nearest) to ``size`` x ``size``.
+
+    The box is ``cribo.augment.random_crop_box``'s (torchvision's RandomResizedCrop draws), from ``generator``.
+    """
+    box = random_crop_box(image.shape[-1], image.shape[-2], scale, ratio, TorchRandom(generator))
+    top, left, crop_h, crop_w = (int(value) for value in (box.top, box.left, box.height, box.width))
     cropped = TF.resized_crop(image, top, left, crop_h, crop_w, [size, size], InterpolationMode.BILINEAR)
     labels = TF.resized_crop(mask[None], top, left, crop_h, crop_w, [size, size], InterpolationMode.NEAREST)[0]
     return cropped.clamp_(0.0, 1.0), labels
 
 
 def colour_jitter(image: Tensor, strength: float, probability: float, generator: torch.Generator) -> Tensor:
-    """Brightness, contrast, saturation (factor in 1 ± strength) and hue (± strength), each with ``probability``."""
-    adjustments = (
-        (TF.adjust_brightness, 1.0 - strength, 1.0 + strength),
-        (TF.adjust_contrast, 1.0 - strength, 1.0 + strength),
-        (TF.adjust_saturation, 1.0 - strength, 1.0 + strength),
-        (TF.adjust_hue, -strength, strength),
-    )
-    for adjust, low, high in adjustments:
-        if float(torch.rand((), generator=generator)) < probability:
-            image = adjust(image, _uniform(generator, low, high))
-    return image.clamp(0.0, 1.0)
+    """Brightness, contrast, saturation (factor in 1 ± strength) and hue (± strength), each with ``probability``.
+
+    Each change is drawn on its own, in that fixed order (a uniform draw against ``probability``, then its
+    factor), and applied with ``cribo.augment.apply_colour_jitter``.
+
+    Args:
+        image: (3, H, W) float RGB image in [0, 1] (not modified).
+        strength: half-width of the factor ranges and of the hue shift (turns).
+        probability: chance of each change.
+        generator: the random source (consumed).
+
+    Returns:
+        (3, H, W) float image in [0, 1].
+    """
+    rng = TorchRandom(generator)
+    steps: list[tuple[JitterStep, float]] = []
+    for step in JITTER_STEPS:
+        if rng.random() < probability:
+            low, high = (-strength, strength) if step == "hue" else (1.0 - strength, 1.0 + strength)
+            steps.append((step, rng.uniform(low, high)))
+    return apply_colour_jitter(image, steps, max_value=1.0).clamp(0.0, 1.0)
 
 
 def random_scale_crop_flip_pair(
@@ -536,18 +517,19 @@ def random_scale_crop_flip_pair(
     """Segmentation training augmentation: rescale so the short side is ``size`` x U(ratio_range), random
     ``size`` crop (padding with 0 / ignore when smaller), horizontal flip with p = 0.5 (mmseg-style, PROTOCOLS.md).
     """
+    rng = TorchRandom(generator)
     height, width = image.shape[-2:]
-    factor = size * _uniform(generator, *ratio_range) / min(height, width)
+    factor = size * rng.uniform(*ratio_range) / min(height, width)
     new_h, new_w = max(1, round(height * factor)), max(1, round(width * factor))
     image, mask = resize_pair(image, mask, (new_h, new_w))
     pad_h, pad_w = max(0, size - new_h), max(0, size - new_w)
     if pad_h or pad_w:
         image = torch.nn.functional.pad(image, (0, pad_w, 0, pad_h), value=0.0)
         mask = torch.nn.functional.pad(mask, (0, pad_w, 0, pad_h), value=IGNORE_INDEX)
-    top = int(torch.randint(0, image.shape[-2] - size + 1, (), generator=generator))
-    left = int(torch.randint(0, image.shape[-1] - size + 1, (), generator=generator))
+    top = rng.randint(0, image.shape[-2] - size)
+    left = rng.randint(0, image.shape[-1] - size)
     image, mask = image[:, top : top + size, left : left + size], mask[top : top + size, left : left + size]
-    if float(torch.rand((), generator=generator)) < 0.5:
+    if rng.random() < SEGMENTATION_FLIP_PROBABILITY:
         image, mask = image.flip(-1), mask.flip(-1)
     return image.contiguous(), mask.contiguous()
 
