@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import random
 import re
 import statistics
@@ -57,12 +58,25 @@ class PartGoal:
     authors_memory: str
     max_seconds: float
     max_rise_mib: float | None
+    authors_seconds: float  # the quoted time as a number: max_seconds is this divided by the speed-up wanted
+
+    @property
+    def speedup(self) -> float:
+        """The speed-up the goal asks for (quoted authors' time / our maximum), used side by side."""
+        return self.authors_seconds / self.max_seconds
 
 
+# The parts side by side with the authors' code (--official): our row, the harness's part, and how to read its
+# result (seconds, peak RSS rise in MiB).
+OFFICIAL_PARTS: tuple[tuple[str, str, str, str], ...] = (
+    ("clustering", "cluster", "median_s", "peak_rss_increase_MB"),
+    ("bank_uniform", "nn", "median_s", "peak_rss_increase_during_call_MB"),
+    ("augment colour", "aug", "per_image_ms_median", "construct_peak_rss_increase_MB"),
+)
 GOALS: dict[str, PartGoal] = {
-    "clustering": PartGoal("1.75 s", "+730 MiB", 0.25, 46.0),
-    "bank": PartGoal("8.8 s", "+6.5 GiB", 2.0, 256.0),
-    "augment": PartGoal("6.96 ms", "763 MiB table kept per process (3 GB transient)", 2.3e-3, None),
+    "clustering": PartGoal("1.75 s", "+730 MiB", 0.25, 46.0, 1.75),
+    "bank": PartGoal("8.8 s", "+6.5 GiB", 2.0, 256.0, 8.8),
+    "augment": PartGoal("6.96 ms", "763 MiB table kept per process (3 GB transient)", 2.3e-3, None, 6.96e-3),
 }
 FULL = {
     "clustering": {"images": 16, "image_size": 224, "dim": 384, "clusters": 32, "warmup": 1, "repeat": 5},
@@ -547,6 +561,44 @@ def parts_table(results: dict[str, dict[str, Any]], sizes: dict[str, dict[str, A
     return common.markdown_table(headers, rows)
 
 
+def official_part(part: str, args: Any) -> dict[str, Any]:
+    """One of the authors' parts through the shared harness (fresh process): seconds and peak RSS rise."""
+    row, what, seconds_key, rise_key = next(spec for spec in OFFICIAL_PARTS if spec[1] == part)
+    raw = common.run_official([what], args.official, args.threads)
+    scale = 1e-3 if seconds_key.endswith("_ms_median") else 1.0
+    return {"row": row, "seconds": float(raw[seconds_key]) * scale, "rise_mib": float(raw[rise_key]), "raw": raw}
+
+
+def side_by_side_table(ours: dict[str, list[dict[str, Any]]], theirs: dict[str, list[dict[str, Any]]]) -> str:
+    """Each part's time, ours and the authors' from the same rounds, the ratio per round and its goal."""
+    rows = []
+    for row, what, _, _ in OFFICIAL_PARTS:
+        wanted = GOALS[row.split("_")[0].split(" ")[0]].speedup
+        ratios = [a["seconds"] / o["seconds"] for a, o in zip(theirs[what], ours[row], strict=True)]
+        met = sum(ratio >= wanted for ratio in ratios)
+        unit, scale = ("ms", 1e3) if what == "aug" else ("s", 1.0)
+        rows.append(
+            [
+                row,
+                " / ".join(f"{res['seconds'] * scale:.3g}" for res in ours[row]) + f" {unit}",
+                " / ".join(f"{res['seconds'] * scale:.3g}" for res in theirs[what]) + f" {unit}",
+                f"{common.median(ratios):.2f}× ({' / '.join(f'{r:.2f}' for r in ratios)})",
+                f"≥ {wanted:.1f}× {_ok(common.median(ratios) >= wanted)} (met in {met} of {len(ratios)} rounds)",
+                f"+{common.median(res['rise_mib'] for res in ours[row]):.0f} / "
+                f"+{common.median(res['rise_mib'] for res in theirs[what]):.0f} MiB",
+            ]
+        )
+    headers = [
+        "part",
+        "ours, every round",
+        "authors, this run, every round",
+        "authors / ours (same round: median, every round)",
+        "goal (the ratio of issue 5's goals: quoted authors' time / our maximum)",
+        "peak RSS rise, ours / authors (median)",
+    ]
+    return common.markdown_table(headers, rows)
+
+
 def report(args: Any, results: dict[str, dict[str, Any]], sizes: dict[str, Any], argv: Sequence[str]) -> Path:
     bank = results["bank_uniform"]
     body = [
@@ -572,6 +624,16 @@ def report(args: Any, results: dict[str, dict[str, Any]], sizes: dict[str, Any],
         "are those of the exact float32 search.",
     ]
     body += augment_steps_blocks(results["augment steps"])
+    if args.official is not None:
+        body += [
+            "### Side by side with the authors' code (same run)",
+            f"The three goal rows above and the authors' parts (`shared/refharness/bench.py`: `cluster`, `nn`, `aug`; "
+            "their code imported from a scratch folder, never copied) in "
+            f"{args.rounds} interleaved rounds, each in a fresh process, alternating which goes first. The authors' "
+            "`nn` part times `get_nn_centroids` (the search) on a bank in its initial state; ours times "
+            "`match_objects` + `push`. Their augmentation memory is the coordinate table built once per process.",
+            side_by_side_table(args.ours_rounds, args.official_rounds),
+        ]
     command = common.command_line(SCRIPT.name, argv)
     folder = common.output_dir(args)
     return common.write_section(folder, "bench_parts", "Parts alone (CPU)", command, args.info, body, args.loads)
@@ -721,7 +783,20 @@ def parse_args(argv: Sequence[str]) -> Any:
     parser.add_argument(
         "--alternatives", action="store_true", help="ours against the libraries' colour ops and Block instead"
     )
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--official",
+        type=Path,
+        default=os.environ.get("CRIBO_OFFICIAL_DIR") or None,
+        help="folder of the authors' CrIBo code (a scratch clone outside the project): time their clustering, "
+        "bank search and augmentation side by side (default $CRIBO_OFFICIAL_DIR)",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the side-by-side parts")
+    args = parser.parse_args(argv)
+    if args.official is not None and (args.quick or args.alternatives):
+        parser.error("--official measures the authors' full-size parts: not with --quick or --alternatives")
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    return args
 
 
 def jobs(args: Any) -> dict[str, dict[str, Any]]:
@@ -738,6 +813,26 @@ def jobs(args: Any) -> dict[str, dict[str, Any]]:
     return todo
 
 
+def side_by_side_rounds(args: Any, todo: dict[str, dict[str, Any]], results: dict[str, dict[str, Any]]) -> None:
+    """Our three goal parts and the authors' in interleaved rounds (round 1 of ours is the run above)."""
+    args.ours_rounds = {row: [results[row]] for row, _, _, _ in OFFICIAL_PARTS}
+    args.official_rounds = {what: [] for _, what, _, _ in OFFICIAL_PARTS}
+    for index in range(args.rounds):
+        order = ["authors", "ours"] if index % 2 == 0 else ["ours", "authors"]
+        for side in order:
+            for row, what, _, _ in OFFICIAL_PARTS:
+                if side == "authors":
+                    res = official_part(what, args)
+                    args.official_rounds[what].append(res)
+                elif index:  # round 1 of ours was measured with the whole section
+                    res = run_job(todo[row], args.in_process)
+                    args.ours_rounds[row].append(res)
+                else:
+                    continue
+                args.loads.append(common.load_1min())
+                print(f"round {index + 1} {side} {row}: {res['seconds'] * 1e3:.2f} ms", flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     job = common.worker_job(argv)
@@ -747,11 +842,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     args.info, args.loads = common.machine_info(args.threads), []
     results = {}
-    for name, job in (alternatives_jobs(args) if args.alternatives else jobs(args)).items():
+    todo = alternatives_jobs(args) if args.alternatives else jobs(args)
+    for name, job in todo.items():
         results[name] = run_job(job, args.in_process)
         args.loads.append(common.load_1min())
         res = results[name]
         print(f"{name}: {res['seconds'] * 1e3:.2f} ms per call, peak RSS rise {res['rise_mib']:.0f} MiB", flush=True)
+    if args.official is not None:
+        side_by_side_rounds(args, todo, results)
     if args.alternatives:
         path = alternatives_report(args, results, argv)
     else:

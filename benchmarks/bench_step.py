@@ -22,11 +22,9 @@ module has no side effects.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -114,9 +112,6 @@ HARNESS_PHASES: tuple[str, ...] = (
     "heads+loss",
     "optimizer+EMA",
 )
-HARNESS_ENV = "CRIBO_REFHARNESS"  # overrides the harness script's path
-HARNESS = Path(os.environ.get(HARNESS_ENV, common.REPO_ROOT.parent / "shared" / "refharness" / "bench.py"))
-HARNESS_MARK = "RESULT "
 SPEED_GOALS: dict[str, float] = {"A": 2.0, "B": 1.2, "C": 1.5}  # required authors/ours time ratio
 
 # Our fine phases (the laps of cribo.step.train_step, cribo.step.PHASES) -> the authors' six phases.
@@ -347,27 +342,10 @@ def run_job(job: dict[str, Any], in_process: bool) -> dict[str, Any]:
     return measure(job) if in_process else common.run_worker(SCRIPT, job)
 
 
-def run_official(what: list[str], official: Path, threads: int) -> dict[str, Any]:
-    """One measurement of the authors' code through the shared harness, in its own fresh process (their code is
-    imported from ``official`` at run time, never copied): the harness's last ``RESULT`` line."""
-    if not HARNESS.is_file():
-        raise SystemExit(f"--official: the harness {HARNESS} is missing (set {HARNESS_ENV} to its bench.py)")
-    command = [sys.executable, str(HARNESS), "--official", str(official), "--threads", str(threads), *what]
-    done = subprocess.run(
-        command, capture_output=True, text=True, env=common.worker_env(), timeout=common.WORKER_TIMEOUT_S, check=False
-    )
-    lines = [line[len(HARNESS_MARK) :] for line in done.stdout.splitlines() if line.startswith(HARNESS_MARK)]
-    if done.returncode or not lines:
-        tail = "\n".join((done.stdout + done.stderr).splitlines()[-20:])
-        raise RuntimeError(f"the authors' harness failed ({' '.join(command)}, exit {done.returncode}):\n{tail}")
-    result: dict[str, Any] = json.loads(lines[-1])
-    return result
-
-
 def official_step(name: str, args: Any) -> dict[str, Any]:
     """The authors' step of configuration ``name`` (same warm-up and measured steps as ours)."""
     what = ["step", "--config", name, "--iters", str(args.repeat), "--warmup", str(args.warmup)]
-    raw = run_official(what, args.official, args.threads)
+    raw = common.run_official(what, args.official, args.threads)
     breakdown = raw["breakdown_median_s"]
     return {
         "seconds": float(raw["median_s"]),

@@ -223,7 +223,7 @@ def test_official_step_reads_the_shared_harness(bench, tmp_path: Path, monkeypat
         "print('noise')\n"
         f"print('RESULT ' + json.dumps({result!r}))\n"
     )
-    monkeypatch.setattr(bench_step, "HARNESS", fake)
+    monkeypatch.setenv("CRIBO_REFHARNESS", str(fake))
     args = types.SimpleNamespace(repeat=5, warmup=2, official=tmp_path, threads=2)
     measured = bench_step.official_step("C", args)
     assert measured["seconds"] == 3.5 and measured["peak_rss_mib"] == 4100.0
@@ -233,3 +233,29 @@ def test_official_step_reads_the_shared_harness(bench, tmp_path: Path, monkeypat
     fake.write_text("import sys\nsys.exit(3)\n")
     with pytest.raises(RuntimeError, match="harness failed"):
         bench_step.official_step("C", args)
+
+
+def test_parts_side_by_side_ratios_and_goals(bench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bench_parts = bench("bench_parts")
+    fake = tmp_path / "bench.py"
+    fake.write_text(
+        "import json, sys\n"
+        "part = sys.argv[-1]\n"
+        "out = {'cluster': {'median_s': 1.4, 'peak_rss_increase_MB': 700.0},\n"
+        "       'nn': {'median_s': 9.0, 'peak_rss_increase_during_call_MB': 6000.0},\n"
+        "       'aug': {'per_image_ms_median': 7.0, 'construct_peak_rss_increase_MB': 3000.0}}[part]\n"
+        "print('RESULT ' + json.dumps(out))\n"
+    )
+    monkeypatch.setenv("CRIBO_REFHARNESS", str(fake))
+    args = types.SimpleNamespace(official=tmp_path, threads=2)
+    theirs = {what: [bench_parts.official_part(what, args)] for _, what, _, _ in bench_parts.OFFICIAL_PARTS}
+    assert theirs["aug"][0]["seconds"] == pytest.approx(7e-3) and theirs["nn"][0]["rise_mib"] == 6000.0
+    ours = {
+        "clustering": [{"seconds": 0.1, "rise_mib": 30.0}],  # 14x: goal 7x met
+        "bank_uniform": [{"seconds": 3.0, "rise_mib": 50.0}],  # 3x: goal 4.4x missed
+        "augment colour": [{"seconds": 2e-3, "rise_mib": 1.0}],  # 3.5x: goal 3.03x met
+    }
+    table = bench_parts.side_by_side_table(ours, theirs).splitlines()
+    assert "14.00×" in table[2] and "**pass** (met in 1 of 1 rounds)" in table[2]
+    assert "3.00×" in table[3] and "**FAIL**" in table[3]
+    assert "3.50×" in table[4] and "**pass**" in table[4]
