@@ -494,7 +494,7 @@ def test_python_random_is_seeded(tmp_path: Path) -> None:
 def test_sigkill_and_resume(tmp_path: Path) -> None:
     """A real `cribo train` killed with SIGKILL mid-run, then the same command: the log equals an uninterrupted
     run's, no temp file is left, and the checkpoint loads."""
-    settings = {"log_every": 3, "checkpoint_every": 1, "scenes_num_images": 24}  # 6 steps per epoch, 12 in all
+    settings = {"log_every": 3, "checkpoint_every": 1, "scenes_num_images": 24, "epochs": 1}  # 6 steps
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src")}
     run = tmp_path / "killed"
     command = [sys.executable, "-m", "cribo", "train", *tiny_flags(run, **settings)]
@@ -513,7 +513,34 @@ def test_sigkill_and_resume(tmp_path: Path) -> None:
     assert finished.returncode == 0, finished.stderr
     assert read_log(run) == read_log(tmp_path / "straight")
     assert not [path for path in run.iterdir() if ".tmp-" in path.name]
-    assert checkpoint.load(run / "checkpoint.pth")["step"] == 12
+    assert checkpoint.load(run / "checkpoint.pth")["step"] == 6
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. Evaluation images with an EXIF orientation
+
+
+def test_eval_on_voc_with_exif_rotated_images(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """VOC-style JPEGs stored 40x24 with EXIF orientation 6 (displayed 24x40), masks drawn on the displayed image."""
+    for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (tmp_path / folder).mkdir(parents=True)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the EXIF orientation tag: turn 90 degrees clockwise to display
+    for index, stem in enumerate(["a", "b", "c", "d"]):
+        Image.new("RGB", (40, 24), (60 * index, 80, 120)).save(
+            tmp_path / "JPEGImages" / f"{stem}.jpg", exif=exif.tobytes() if index % 2 else b""
+        )
+        size = (24, 40) if index % 2 else (40, 24)
+        mask = np.zeros(size[::-1], dtype=np.uint8)
+        mask[: size[1] // 2] = index + 1
+        Image.fromarray(mask, mode="L").save(tmp_path / "SegmentationClass" / f"{stem}.png")
+    (tmp_path / "ImageSets/Segmentation/train.txt").write_text("a\nb\n")
+    (tmp_path / "ImageSets/Segmentation/val.txt").write_text("c\nd\n")
+    argv = ["eval", "nn", "--backbone", "random:vit_tiny", "--dataset", "voc", "--data-root", str(tmp_path)]
+    code, err = run_cli([*argv, "--input-size", "32", "--no-progress", "--output", str(tmp_path / "r.json")], capsys)
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if "EXIF orientation" in line]
+    assert len(warnings) == 2 and all("of 1 image(s)" in line for line in warnings)  # one per split
 
 
 # ----------------------------------------------------------------------------------------------------------------
