@@ -257,6 +257,25 @@ def test_missing_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert_one_line_error(*run_cli(argv, capsys), "train", f"--config {path}", "no such file")
 
 
+def test_verbose_shows_the_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["train", "--config", str(tmp_path / "nowhere.yaml"), "--output_dir", str(tmp_path / "run")]
+    code, err = run_cli(["-v", *argv], capsys)
+    assert code == 2 and "Traceback" in err
+    assert err.rstrip().splitlines()[-1].startswith("cribo train: error: --config")
+
+
+def test_corrupt_training_log_for_viz_curves(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "log.txt").write_text((trained / "log.txt").read_text() + '{"epoch": 0, "st\n')
+    line = assert_one_line_error(*run_cli(["viz", "curves", str(tmp_path)], capsys), "viz", str(tmp_path / "log.txt"))
+    assert "line 3" in line
+
+
+def test_missing_data_folder_leaves_no_output_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["train", *tiny_flags(tmp_path / "run", data_path=str(tmp_path / "nowhere"))]
+    assert_one_line_error(*run_cli(argv, capsys), "train", str(tmp_path / "nowhere"))
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("layout", ["file", "under_file"])
 def test_output_dir_that_cannot_be_a_folder(layout: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     blocker = tmp_path / "blocker"

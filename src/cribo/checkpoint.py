@@ -184,27 +184,40 @@ def read_resume_state(output_dir: Path, config: config_lib.TrainConfig) -> dict[
     return state
 
 
-def prepare_output_dir(output_dir: Path) -> Path:
-    """Create ``--output_dir`` if needed and check that files can be written there.
+def check_output_dir(output_dir: Path) -> None:
+    """Check, without creating anything, that ``--output_dir`` is or can become a folder this process writes to.
 
     Raises:
-        ValueError: it is a file, sits under a file, cannot be created or is not writable.
+        ValueError: it is a file, sits under a file, or it (or the folder it would be created in) is not writable.
     """
     path = Path(output_dir)
     if path.exists() and not path.is_dir():
         raise ValueError(f"--output_dir {path} is a file, not a folder; pass a folder (it is created if missing)")
-    parent = next((folder for folder in path.parents if folder.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise ValueError(f"--output_dir {path}: {parent} is a file, so no folder can be created under it")
+    existing = path if path.exists() else next((folder for folder in path.parents if folder.exists()), None)
+    if existing is None:
+        return
+    if not existing.is_dir():
+        raise ValueError(f"--output_dir {path}: {existing} is a file, so no folder can be created under it")
+    probe = existing / f".write-test.tmp-{os.getpid()}"  # TEMP_PATTERN: removed by a later run if ever left
+    try:
+        probe.write_bytes(b"")
+    except OSError as err:
+        where = "" if existing == path else f" (it would be created in {existing})"
+        raise ValueError(
+            f"--output_dir {path} is not writable{where}: {err.strerror or err}; pass a folder you can write to"
+        ) from err
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def prepare_output_dir(output_dir: Path) -> Path:
+    """Create ``--output_dir`` if needed, after :func:`check_output_dir`; returns it."""
+    path = Path(output_dir)
+    check_output_dir(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test.tmp-{os.getpid()}"  # TEMP_PATTERN: removed if left
-        probe.write_bytes(b"")
-        probe.unlink()
     except OSError as err:
-        raise ValueError(
-            f"--output_dir {path} is not writable ({err.strerror or err}); pass a folder you can write to"
-        ) from err
+        raise ValueError(f"--output_dir {path} cannot be created: {err.strerror or err}") from err
     return path
 
 
@@ -325,9 +338,11 @@ def save_trainer(trainer: Trainer, output_dir: Path, snapshot: bool = False) -> 
         try:
             atomic_save(state, path)
         except (OSError, RuntimeError) as err:
-            if disk_full_cause(err) is None:
-                raise
-            raise disk_full_error(path, output_dir) from err
+            if disk_full_cause(err) is not None:
+                raise disk_full_error(path, output_dir) from err
+            if isinstance(err, OSError):  # name the checkpoint, not its temp file
+                raise OSError(err.errno, err.strerror or str(err), str(path)) from err
+            raise
 
 
 def load_trainer(trainer: Trainer, state: dict[str, Any]) -> None:

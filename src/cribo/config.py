@@ -207,10 +207,12 @@ def preset_names() -> list[str]:
 def load_yaml(path: Path | str, flag: str = "--config") -> dict[str, Any]:
     """Read a YAML mapping, with an error naming ``flag`` and the file when it is missing, unreadable, not YAML or
     not a mapping."""
+    if not Path(path).exists():
+        raise ValueError(f"{flag} {path}: no such file; pass the path of a YAML config file")
+    if not Path(path).is_file():  # a folder, or a FIFO or device that reading would block on
+        raise ValueError(f"{flag} {path}: not a regular file; pass the path of a YAML config file")
     try:
         text = Path(path).read_text()
-    except FileNotFoundError:
-        raise ValueError(f"{flag} {path}: no such file; pass the path of a YAML config file") from None
     except (OSError, UnicodeDecodeError) as err:
         reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
         raise ValueError(f"{flag} {path}: cannot read the file ({reason})") from err
@@ -297,6 +299,8 @@ def from_authors_args(args: dict[str, Any]) -> tuple[dict[str, Any], list[str], 
 
 def load_args_json(path: Path | str) -> dict[str, Any]:
     """Read an authors' args JSON (a flat mapping); errors name the file."""
+    if not Path(path).is_file():  # missing, a folder, or a FIFO or device that reading would block on
+        raise ValueError(f"--args-json {path}: no such file (or not a regular file)")
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as err:

@@ -888,8 +888,8 @@ def export_backbone(backbone: VisionTransformer, path: str | Path, *, arch: str 
         try:
             atomic_write_bytes(target, content)
         except OSError as err:
-            if err.errno != errno.ENOSPC:
-                raise
+            if err.errno != errno.ENOSPC:  # name the file, not its temp file
+                raise OSError(err.errno, err.strerror or str(err), str(target)) from err
             raise DiskFullError(
                 f"{target}: no space left on device; it was not written (a previous {target.name} is unchanged); "
                 "free some space or write it elsewhere"

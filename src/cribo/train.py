@@ -432,7 +432,7 @@ def train(config: TrainConfig, progress_bar: bool = True) -> TrainResult:
         torch.set_num_threads(config.run.threads)
     output_dir = Path(config.run.output_dir)
     if distributed.is_main_process():
-        checkpoint.prepare_output_dir(output_dir)
+        checkpoint.check_output_dir(output_dir)
     resume_state = checkpoint.read_resume_state(output_dir, config)
     trainer = build_trainer(config)
     return fit(trainer, progress_bar=progress_bar, resume_state=resume_state)
