@@ -106,8 +106,9 @@ def disk_full_error(path: Path, output_dir: Path) -> DiskFullError:
     )
 
 
-def load(path: Path) -> dict[str, Any]:
-    """Load a cribo checkpoint with the safe loader (it holds no pickled objects).
+def load(path: Path, mmap: bool = False) -> dict[str, Any]:
+    """Load a cribo checkpoint with the safe loader (it holds no pickled objects); ``mmap`` maps the tensors'
+    bytes instead of reading them (a quick look at the small entries).
 
     Raises:
         ValueError: the file is damaged, truncated, pickled or not a cribo training checkpoint; the message says
@@ -115,7 +116,7 @@ def load(path: Path) -> dict[str, Any]:
     """
     path = Path(path)
     try:
-        data = read_torch_file(path)
+        data = read_torch_file(path, mmap=mmap)
     except WeightsFileError as err:
         raise ValueError(f"{err}. {_restart_advice(path)}") from err
     except PickleRefusedError as err:
@@ -171,14 +172,18 @@ def check_resume_config(saved: dict[str, Any], config: config_lib.TrainConfig, p
         )
 
 
-def read_resume_state(output_dir: Path, config: config_lib.TrainConfig) -> dict[str, Any] | None:
-    """The checkpoint a run in ``output_dir`` resumes from (checked against ``config``), or None for a fresh run."""
+def read_resume_state(output_dir: Path, config: config_lib.TrainConfig, mmap: bool = False) -> dict[str, Any] | None:
+    """The checkpoint a run in ``output_dir`` resumes from (checked against ``config``), or None for a fresh run.
+
+    Raises:
+        ValueError: the checkpoint is damaged or not a cribo checkpoint, or ``config`` changes a tensor shape.
+    """
     path = Path(output_dir) / CHECKPOINT_NAME
     if not path.exists():
         return None
     if not path.is_file():
         raise ValueError(f"{path} is not a file; move it away or pass a new --output_dir")
-    state = load(path)
+    state = load(path, mmap=mmap)
     if isinstance(state.get("config"), dict):
         check_resume_config(state["config"], config, path)
     return state

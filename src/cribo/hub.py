@@ -271,8 +271,9 @@ def _refusal_detail(error: Exception) -> str:
     return type(error).__name__
 
 
-def read_torch_file(path: Path, allow_pickle: bool = False) -> Any:
-    """``torch.load`` with the safe loader (argparse.Namespace allowed); full unpickling only if allowed.
+def read_torch_file(path: Path, allow_pickle: bool = False, mmap: bool = False) -> Any:
+    """``torch.load`` with the safe loader (argparse.Namespace allowed); full unpickling only if allowed. ``mmap``
+    maps the tensors' bytes instead of reading them (zip-format files only).
 
     Raises:
         WeightsFileError: the file is empty, truncated, damaged or not a PyTorch file (whatever ``allow_pickle``).
@@ -280,7 +281,7 @@ def read_torch_file(path: Path, allow_pickle: bool = False) -> Any:
     """
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except MemoryError:
         raise
     except Exception as err:  # torch raises RuntimeError, EOFError, IndexError, KeyError... for damaged files

@@ -433,30 +433,23 @@ def train(config: TrainConfig, progress_bar: bool = True) -> TrainResult:
     output_dir = Path(config.run.output_dir)
     if distributed.is_main_process():
         checkpoint.check_output_dir(output_dir)
-    resume_state = checkpoint.read_resume_state(output_dir, config)
+    checkpoint.read_resume_state(output_dir, config, mmap=True)  # a quick check: fit reads it in full
     trainer = build_trainer(config)
-    return fit(trainer, progress_bar=progress_bar, resume_state=resume_state)
+    return fit(trainer, progress_bar=progress_bar)
 
 
-def fit(trainer: Trainer, progress_bar: bool = True, resume_state: dict[str, Any] | None = None) -> TrainResult:
-    """Run (or resume) the loop of a built trainer until ``epochs`` (or ``max_steps``) is reached.
-
-    Args:
-        trainer: from :func:`build_trainer`.
-        progress_bar: show a tqdm bar (rank 0).
-        resume_state: the checkpoint already read by :func:`cribo.checkpoint.read_resume_state`; None reads
-            ``output_dir/checkpoint.pth`` if there is one.
-    """
+def fit(trainer: Trainer, progress_bar: bool = True) -> TrainResult:
+    """Run (or resume) the loop of a built trainer until ``epochs`` (or ``max_steps``) is reached."""
     config = trainer.config
     output_dir = Path(config.run.output_dir)
     ckpt_path = output_dir / checkpoint.CHECKPOINT_NAME
-    state = resume_state if resume_state is not None else checkpoint.read_resume_state(output_dir, config)
+    state = checkpoint.read_resume_state(output_dir, config)
     if state is not None:
         checkpoint.load_trainer(trainer, state)
         logger.info("resumed from %s at epoch %d, step %d", ckpt_path, trainer.epoch, trainer.step)
     elif config.model.init:
         apply_init(trainer)
-    del state, resume_state  # the trainer holds its own copies now
+    del state  # the trainer holds its own copies of the tensors
     total = config.optim.epochs * trainer.iters_per_epoch
     stop_at = min(total, config.run.max_steps) if config.run.max_steps else total
     progress = make_progress(trainer.step, stop_at) if progress_bar and distributed.is_main_process() else None
