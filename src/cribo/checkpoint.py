@@ -4,6 +4,12 @@ A run directory holds one ``checkpoint.pth`` (rewritten in place, atomically: te
 optionally, snapshots ``checkpointNNNN.pth``. The file is a plain dict of tensors, numbers, strings and nested
 dicts/lists of them (:func:`trainer_state`), so it loads with ``torch.load(weights_only=True)``; with the
 random-number states it holds, :func:`load_trainer` resumes a run bit for bit.
+
+Before a run resumes, :func:`read_resume_state` tells a damaged file from a foreign one and refuses settings that
+change a saved tensor's shape (:data:`SHAPE_SETTINGS`), and the run folder is made ready: checked writable
+(:func:`check_output_dir`), temp files of a killed writer removed, ``log.txt`` cut back to the checkpoint's step
+(the running log window is saved too, so the resumed run writes exactly the lines of an uninterrupted one). A full
+disk while saving keeps the previous checkpoint and says which step it holds (:class:`DiskFullError`).
 """
 
 from __future__ import annotations

@@ -4,7 +4,10 @@ Reads a cribo ``checkpoint.pth``, the authors' CrIBo checkpoint (DDP-prefixed st
 DINO-style state dicts (``module.``/``backbone.`` prefixes, nested under ``teacher``/``student``/``model``/
 ``state_dict``), our ``.safetensors`` exports (with their arch in the header and a JSON sidecar), and builds
 seeded random backbones for ``random:<arch>`` / ``timm:<name>``. Files are read with the safe loader; full
-unpickling needs an explicit ``allow_pickle``. Every backbone tensor is loaded or the call fails, naming the keys.
+unpickling needs an explicit ``allow_pickle``, which is offered only for a well-formed pickle the safe loader
+refuses: an empty, truncated, zero-filled or foreign file is reported as such (:func:`damaged_file_reason`), whatever
+``allow_pickle`` says. Every backbone tensor is loaded or the call fails, naming the keys. Exports are written
+atomically.
 
 Axis letters: D embedding dim.
 """
