@@ -145,7 +145,10 @@ def check_corrupt_message(line: str, kind: str) -> None:
     if kind == "pickle":
         assert "pickled" in line
     else:
-        assert "not a valid checkpoint or weights file" in line and "--allow-pickle" not in line
+        assert "is not a valid checkpoint" in line and "--allow-pickle" not in line
+        assert {"random": "not a PyTorch file", "zeros": "zero", "empty": "empty", "truncated": "truncated"}[
+            kind
+        ] in line
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -492,7 +495,7 @@ def test_resume_after_a_kill_continues_the_log_and_removes_temp_files(tmp_path: 
 
 def test_stop_mid_window_and_resume_writes_the_same_log(tmp_path: Path) -> None:
     train(tiny_config(tmp_path / "straight", log_every=3, max_steps=6), progress_bar=False)
-    for stop in (1, 2, 5, 6):
+    for stop in (2, 5, 6):  # the first two stops cut a window
         train(tiny_config(tmp_path / "stopped", log_every=3, max_steps=stop), progress_bar=False)
     assert read_log(tmp_path / "stopped") == read_log(tmp_path / "straight")
     straight = torch.load(tmp_path / "straight" / "checkpoint.pth", weights_only=True)

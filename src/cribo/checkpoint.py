@@ -124,7 +124,8 @@ def load(path: Path, mmap: bool = False) -> dict[str, Any]:
     try:
         data = read_torch_file(path, mmap=mmap)
     except WeightsFileError as err:
-        raise ValueError(f"{err}. {_restart_advice(path)}") from err
+        problem = err.problem or "cannot be read"
+        raise ValueError(f"{path} is not a valid checkpoint: it {problem}. {_restart_advice(path)}") from err
     except PickleRefusedError as err:
         raise ValueError(
             f"{path} holds pickled Python objects, which a cribo training checkpoint never does, so it is not one. "

@@ -237,7 +237,7 @@ def error_exit_code(error: BaseException) -> int | None:
 def error_line(error: BaseException) -> str:
     """One line for the user: ``path: reason`` for a system error, the message itself otherwise."""
     if isinstance(error, OSError) and error.strerror:
-        where = error.filename if error.filename is not None else ""
-        return f"{where}: {error.strerror.lower()}" if where else error.strerror.lower()
+        reason = error.strerror[:1].lower() + error.strerror[1:]  # "No such file..." -> "no such file..."
+        return f"{error.filename}: {reason}" if error.filename is not None else reason
     text = " ".join(str(error).split())
     return text or type(error).__name__

@@ -203,7 +203,15 @@ def file_sha256(path: Path) -> str:
 
 
 class WeightsFileError(ValueError):
-    """A file that cannot be a checkpoint or weights file: empty, truncated, damaged or of another format."""
+    """A file that cannot be a checkpoint or weights file: empty, truncated, damaged or of another format.
+
+    Attributes:
+        problem: what is wrong with it, as the end of a sentence that starts "it" ("is empty (0 bytes)").
+    """
+
+    def __init__(self, message: str, problem: str = "") -> None:
+        super().__init__(message)
+        self.problem = problem
 
 
 class PickleRefusedError(ValueError):
@@ -235,8 +243,8 @@ def _zip_problem(path: Path) -> str | None:
                 return f"is damaged (entry {damaged} fails its checksum)"
             with archive.open(pickles[0]) as stream:
                 return None if _complete_pickle(stream) else "is damaged (its data.pkl is incomplete)"
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
-        return f"is truncated or damaged (its zip directory is missing or unreadable: {err})"
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return "is truncated or damaged (its zip directory is missing or unreadable)"
 
 
 def damaged_file_reason(path: Path) -> str | None:
@@ -293,7 +301,8 @@ def read_torch_file(path: Path, allow_pickle: bool = False, mmap: bool = False) 
     if problem is not None:
         raise WeightsFileError(
             f"{path} is not a valid checkpoint or weights file: it {problem}; re-download or copy it again, or "
-            "point at another file"
+            "point at another file",
+            problem,
         ) from refusal
     if not allow_pickle:
         raise PickleRefusedError(
