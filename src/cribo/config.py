@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -203,13 +204,33 @@ def preset_names() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def load_yaml(path: Path | str) -> dict[str, Any]:
-    """Read a YAML mapping, with an error naming the file when it is not one."""
-    text = Path(path).read_text()
-    data = yaml.safe_load(text) or {}
+def load_yaml(path: Path | str, flag: str = "--config") -> dict[str, Any]:
+    """Read a YAML mapping, with an error naming ``flag`` and the file when it is missing, unreadable, not YAML or
+    not a mapping."""
+    if not Path(path).exists():
+        raise ValueError(f"{flag} {path}: no such file; pass the path of a YAML config file")
+    if not Path(path).is_file():  # a folder, or a FIFO or device that reading would block on
+        raise ValueError(f"{flag} {path}: not a regular file; pass the path of a YAML config file")
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise ValueError(f"{flag} {path}: cannot read the file ({reason})") from err
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{flag} {path}: not valid YAML ({_yaml_problem(err)})") from err
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of config sections, got {type(data).__name__}")
+        raise ValueError(f"{flag} {path}: expected a mapping of config sections, got {type(data).__name__}")
     return data
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """Where and what: 'line 3, column 5: mapping values are not allowed here'."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}"
 
 
 def load_preset(name: str) -> dict[str, Any]:
@@ -278,6 +299,8 @@ def from_authors_args(args: dict[str, Any]) -> tuple[dict[str, Any], list[str], 
 
 def load_args_json(path: Path | str) -> dict[str, Any]:
     """Read an authors' args JSON (a flat mapping); errors name the file."""
+    if not Path(path).is_file():  # missing, a folder, or a FIFO or device that reading would block on
+        raise ValueError(f"--args-json {path}: no such file (or not a regular file)")
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -298,7 +321,7 @@ def resolve(
     if preset:
         config = apply_overrides(config, load_preset(preset), f"preset {preset!r}")
     if config_file:
-        config = apply_overrides(config, load_yaml(config_file), str(config_file))
+        config = apply_overrides(config, load_yaml(config_file), f"--config {config_file}")
     if args_json:
         translated, inert, unknown = from_authors_args(load_args_json(args_json))
         for line in inert:
@@ -314,8 +337,15 @@ def resolve(
 
 def validate(config: TrainConfig) -> None:
     """Cross-field checks, with errors naming the flag and the valid range."""
+    if config.model.patch_size <= 0:  # checked first: the checks below divide by it
+        raise ValueError(f"--patch_size must be positive, got {config.model.patch_size}")
+    run = config.run
     checks = [
-        (config.model.patch_size > 0, "--patch_size must be positive"),
+        (
+            config.data.image_size >= config.model.patch_size,
+            f"--image_size must be a positive multiple of --patch_size {config.model.patch_size}, got "
+            f"{config.data.image_size}",
+        ),
         (config.data.image_size % config.model.patch_size == 0, "--image_size must be a multiple of --patch_size"),
         (config.method.n_tokens >= 1, "--n_tokens must be at least 1"),
         (
@@ -325,6 +355,8 @@ def validate(config: TrainConfig) -> None:
         (config.method.queue_size >= 1, "--queue_size must be at least 1"),
         (config.optim.batch_size_per_gpu >= 1, "--batch_size_per_gpu must be at least 1"),
         (config.optim.epochs >= 1, "--epochs must be at least 1"),
+        (config.optim.lr >= 0, f"--lr must not be negative, got {config.optim.lr}"),
+        (config.optim.min_lr >= 0, f"--min_lr must not be negative, got {config.optim.min_lr}"),
         (
             0.0 < config.data.global_crops_scale[0] <= config.data.global_crops_scale[1] <= 1.0,
             "--global_crops_scale must satisfy 0 < min <= max <= 1",
@@ -332,6 +364,14 @@ def validate(config: TrainConfig) -> None:
         (0.0 <= config.optim.momentum_teacher <= 1.0, "--momentum_teacher must lie in [0, 1]"),
         (config.model.frozen_blocks >= 0, "--frozen_blocks must be 0 (none) or a positive number of blocks"),
         (config.optim.backbone_lr_scale > 0, "--backbone_lr_scale must be positive"),
+        (config.model.depth >= 0, "--depth must be 0 (the architecture's own depth) or a positive number of blocks"),
+        (min(config.model.out_dim, config.model.out_dim_c) >= 1, "--out_dim and --out_dim_c must be at least 1"),
+        (config.data.num_workers >= 0, "--num_workers must be 0 (load in the main process) or more"),
+        (run.log_every >= 1, "--log_every must be at least 1 (a log line every N steps)"),
+        (
+            min(run.checkpoint_every, run.saveckp_freq, run.max_steps) >= 0,
+            "--checkpoint_every, --saveckp_freq and --max_steps must be 0 (off) or positive",
+        ),
     ]
     for ok, message in checks:
         if not ok:
@@ -340,9 +380,12 @@ def validate(config: TrainConfig) -> None:
 
 def save(config: TrainConfig, path: Path) -> None:
     """Write the resolved configuration as YAML (atomically)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # the temp-file name cribo.checkpoint cleans up
+    try:
+        tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def from_dict(data: dict[str, Any]) -> TrainConfig:

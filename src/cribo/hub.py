@@ -4,7 +4,10 @@ Reads a cribo ``checkpoint.pth``, the authors' CrIBo checkpoint (DDP-prefixed st
 DINO-style state dicts (``module.``/``backbone.`` prefixes, nested under ``teacher``/``student``/``model``/
 ``state_dict``), our ``.safetensors`` exports (with their arch in the header and a JSON sidecar), and builds
 seeded random backbones for ``random:<arch>`` / ``timm:<name>``. Files are read with the safe loader; full
-unpickling needs an explicit ``allow_pickle``. Every backbone tensor is loaded or the call fails, naming the keys.
+unpickling needs an explicit ``allow_pickle``, which is offered only for a well-formed pickle the safe loader
+refuses: an empty, truncated, zero-filled or foreign file is reported as such (:func:`damaged_file_reason`), whatever
+``allow_pickle`` says. Every backbone tensor is loaded or the call fails, naming the keys. Exports are written
+atomically.
 
 Axis letters: D embedding dim.
 """
@@ -13,20 +16,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
 import math
-import pickle
+import os
+import pickletools
 import re
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
@@ -195,21 +202,123 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _torch_load(path: Path, allow_pickle: bool) -> Any:
-    """``torch.load`` with the safe loader (argparse.Namespace allowed); full unpickling only if allowed."""
+class WeightsFileError(ValueError):
+    """A file that cannot be a checkpoint or weights file: empty, truncated, damaged or of another format.
+
+    Attributes:
+        problem: what is wrong with it, as the end of a sentence that starts "it" ("is empty (0 bytes)").
+    """
+
+    def __init__(self, message: str, problem: str = "") -> None:
+        super().__init__(message)
+        self.problem = problem
+
+
+class PickleRefusedError(ValueError):
+    """A well-formed pickle that the safe loader refuses (it holds Python objects other than tensors)."""
+
+
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
+PICKLE_PROTO = 0x80  # the PROTO opcode that starts every pickle of protocol >= 2 (torch's legacy format too)
+SNIFF_BYTES = 64  # bytes shown when telling what kind of file it is
+
+
+def _complete_pickle(stream: IO[bytes]) -> bool:
+    """Whether ``stream`` holds a whole pickle up to its STOP opcode (parsed, never executed)."""
+    try:
+        return any(opcode.name == "STOP" for opcode, _, _ in pickletools.genops(stream))
+    except Exception:  # genops raises several types (ValueError, UnicodeDecodeError, struct.error) on garbage
+        return False
+
+
+def _zip_problem(path: Path) -> str | None:
+    """Why a zip-format file is not a readable PyTorch file (None when it is one)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [name for name in archive.namelist() if name.endswith("data.pkl")]
+            if not pickles:
+                return "is a zip archive without a PyTorch data.pkl"
+            damaged = archive.testzip()  # checks every entry's CRC (only reached when loading already failed)
+            if damaged is not None:
+                return f"is damaged (entry {damaged} fails its checksum)"
+            with archive.open(pickles[0]) as stream:
+                return None if _complete_pickle(stream) else "is damaged (its data.pkl is incomplete)"
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return "is truncated or damaged (its zip directory is missing or unreadable)"
+
+
+def damaged_file_reason(path: Path) -> str | None:
+    """Why ``path`` cannot be a PyTorch file (``torch.save``'s zip or legacy format), or None when it looks like one.
+
+    Reads the file's structure only (zip directory, pickle opcodes); nothing is unpickled.
+    """
+    size = path.stat().st_size
+    if size == 0:
+        return "is empty (0 bytes)"
+    with path.open("rb") as handle:
+        head = handle.read(SNIFF_BYTES)
+        if head.startswith(ZIP_MAGIC):
+            return _zip_problem(path)
+        if head[0] == PICKLE_PROTO:
+            handle.seek(0)
+            return None if _complete_pickle(handle) else "is a truncated or damaged pickle"
+    if not head.strip(b"\0"):
+        return "starts with zero bytes where a PyTorch header belongs (zero-filled?)"
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < size:
+        return "is a safetensors file: give it the .safetensors suffix"
+    if all(32 <= byte < 127 or byte in b"\t\r\n" for byte in head):
+        return f"is a text file (it starts with {head[:32].decode()!r}; a failed download?)"
+    return f"is not a PyTorch file (it starts with bytes {head[:8].hex(' ')})"
+
+
+def _refusal_detail(error: Exception) -> str:
+    """The useful part of the safe loader's refusal (which global or opcode), without torch's advice."""
+    text = str(error)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        lines = [line.strip() for line in text.split(marker, 1)[1].splitlines() if line.strip()]
+        if lines:
+            return lines[0].split(" Please use", 1)[0].rstrip(".")
+    return type(error).__name__
+
+
+def read_torch_file(path: Path, allow_pickle: bool = False, mmap: bool = False) -> Any:
+    """``torch.load`` with the safe loader (argparse.Namespace allowed); full unpickling only if allowed. ``mmap``
+    maps the tensors' bytes instead of reading them (zip-format files only).
+
+    Raises:
+        WeightsFileError: the file is empty, truncated, damaged or not a PyTorch file (whatever ``allow_pickle``).
+        PickleRefusedError: a well-formed pickle the safe loader refuses and ``allow_pickle`` is False.
+    """
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if not allow_pickle:
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ValueError(
-                f"{path} cannot be read with the safe loader (torch.load(weights_only=True)): {reason}. "
-                "Pass allow_pickle=True (CLI flag --allow-pickle) only for files you trust: unpickling can "
-                "run arbitrary code."
-            ) from err
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except MemoryError:
+        raise
+    except Exception as err:  # torch raises RuntimeError, EOFError, IndexError, KeyError... for damaged files
+        refusal = err
+    problem = damaged_file_reason(path)
+    if problem is not None:
+        raise WeightsFileError(
+            f"{path} is not a valid checkpoint or weights file: it {problem}; re-download or copy it again, or "
+            "point at another file",
+            problem,
+        ) from refusal
+    if not allow_pickle:
+        raise PickleRefusedError(
+            f"{path} holds pickled Python objects that the safe loader refuses ({_refusal_detail(refusal)}); pass "
+            "--allow-pickle (allow_pickle=True) only if you trust the file: unpickling can run arbitrary code"
+        ) from refusal
     logger.warning("loading %s with full unpickling (allow_pickle=True)", path)
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except MemoryError:
+        raise
+    except Exception as err:  # anything the file's pickled code raises
+        raise WeightsFileError(
+            f"{path} could not be loaded even with full unpickling ({type(err).__name__}: {err}); it may not be a "
+            "PyTorch file"
+        ) from err
 
 
 def _find_setting(config: Any, key: str) -> Any:
@@ -286,17 +395,42 @@ def _checkpoint_centers(obj: Mapping[str, Any]) -> dict[str, Tensor] | None:
     return None
 
 
+def _safetensors_problem(path: Path, error: Exception) -> str:
+    """What is wrong with a file named .safetensors that safetensors cannot read, and what to do."""
+    if path.stat().st_size == 0:
+        return "it is empty (0 bytes); export it again or point at another file"
+    with path.open("rb") as handle:
+        head = handle.read(len(ZIP_MAGIC))
+    if head.startswith(ZIP_MAGIC) or head[:1] == bytes([PICKLE_PROTO]):
+        return "it holds a PyTorch (pickle) checkpoint; give it the .pth suffix to read it with the PyTorch loader"
+    reason = str(error).removeprefix("Error while deserializing header: ")
+    return f"it is truncated or damaged ({reason}); export or download it again, or point at another file"
+
+
+def _sidecar_facts(path: Path) -> dict[str, Any]:
+    """The JSON sidecar of a safetensors export (arch, patch size), or {} when there is none."""
+    sidecar = path.with_suffix(SIDECAR_SUFFIX)
+    if not sidecar.is_file():
+        return {}
+    try:
+        facts = json.loads(sidecar.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{sidecar} (sidecar of {path.name}) cannot be read: {err}; fix or remove it") from err
+    return facts if isinstance(facts, dict) else {}  # a foreign JSON next to the file may be anything
+
+
 def _read_safetensors(path: Path) -> _StateSource:
     """Tensors plus arch/patch size from the file's metadata or its JSON sidecar (see export_backbone)."""
-    with safe_open(str(path), framework="pt") as handle:
-        metadata: dict[str, Any] = dict(handle.metadata() or {})
-    sidecar = path.with_suffix(SIDECAR_SUFFIX)
-    sidecar_facts = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
-    if isinstance(sidecar_facts, dict):  # a foreign JSON next to the file may be anything
-        metadata = {**sidecar_facts, **metadata}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata: dict[str, Any] = dict(handle.metadata() or {})
+        tensors = load_file(str(path))
+    except SafetensorError as err:
+        raise WeightsFileError(f"{path} is not a valid safetensors file: {_safetensors_problem(path, err)}") from err
+    metadata = {**_sidecar_facts(path), **metadata}
     patch_size = metadata.get("patch_size")
     return _StateSource(
-        state=load_file(str(path)),
+        state=tensors,
         source="safetensors",
         arch=metadata.get("arch"),
         patch_size=int(patch_size) if patch_size is not None else None,
@@ -409,7 +543,7 @@ def read_weights(
         )
     found = _read_safetensors(path) if path.suffix == ".safetensors" else None
     if found is None:
-        found = _parse_checkpoint(_torch_load(path, allow_pickle), which, path)
+        found = _parse_checkpoint(read_torch_file(path, allow_pickle), which, path)
     backbone_state, skipped = split_backbone_state(found.state)
     arch_name, patch = _resolve_architecture(backbone_state, arch or found.arch, patch_size or found.patch_size, path)
     stripped = strip_wrapper_prefixes(found.state)
@@ -592,7 +726,7 @@ def load_cribo_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> Cr
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path} is not a file; expected a cribo checkpoint.pth or the authors' CrIBo checkpoint")
-    obj = _torch_load(path, allow_pickle)
+    obj = read_torch_file(path, allow_pickle)
     networks: dict[str, CrIBoNetwork] = {}
     found: _StateSource | None = None
     for which in ("student", "teacher"):
@@ -758,7 +892,33 @@ def export_backbone(backbone: VisionTransformer, path: str | Path, *, arch: str 
         "embed_dim": int(backbone.embed_dim),
     }
     tensors = {key: value.detach().cpu().contiguous() for key, value in backbone.state_dict().items()}
+    data = save_safetensors(tensors, metadata={key: str(value) for key, value in facts.items()})
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={key: str(value) for key, value in facts.items()})
-    path.with_suffix(SIDECAR_SUFFIX).write_text(json.dumps(facts, indent=2) + "\n")
+    for target, content in (
+        (path, data),
+        (path.with_suffix(SIDECAR_SUFFIX), (json.dumps(facts, indent=2) + "\n").encode()),
+    ):
+        try:
+            atomic_write_bytes(target, content)
+        except OSError as err:
+            if err.errno != errno.ENOSPC:  # name the file, not its temp file
+                raise OSError(err.errno, err.strerror or str(err), str(target)) from err
+            raise DiskFullError(
+                f"{target}: no space left on device; it was not written (a previous {target.name} is unchanged); "
+                "free some space or write it elsewhere"
+            ) from err
     return path
+
+
+class DiskFullError(OSError):
+    """A file could not be written for lack of space; the file it would have replaced is intact."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a file so that ``path`` always holds either the old or the new bytes (no temp file left on failure)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

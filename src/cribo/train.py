@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import random
 import resource
 import time
 from dataclasses import dataclass, field
@@ -159,6 +160,7 @@ def build_modules(config: TrainConfig, settings: StepSettings) -> StepModules:
         student_step = nn.parallel.DistributedDataParallel(student_step, device_ids=device_ids)
     torch.manual_seed(config.run.seed + rank)  # from here on (drop-path), each process draws its own stream
     np.random.seed(config.run.seed + rank)
+    random.seed(config.run.seed + rank)  # saved in checkpoints too: two identical runs store the same state
     bank_generator = torch.Generator().manual_seed(config.run.seed)
     bank = ObjectMemoryBank(
         config.method.queue_size, config.method.n_tokens, student.backbone.embed_dim, generator=bank_generator
@@ -223,6 +225,41 @@ class Schedules:
 
 
 @dataclass
+class RunningMeans:
+    """Averages of the logged numbers since the last log line (saved in checkpoints, so that a resumed run writes
+    the lines an uninterrupted one would)."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    count: int = 0
+    images: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def add(self, numbers: dict[str, float], images: int) -> None:
+        for key, value in numbers.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.count += 1
+        self.images += images
+
+    def flush(self) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        means = {key: value / max(self.count, 1) for key, value in self.sums.items()}
+        means["images_per_s"] = self.images * distributed.world_size() / elapsed
+        self.sums, self.count, self.images, self.started = {}, 0, 0, time.perf_counter()
+        return means
+
+    def state(self) -> dict[str, Any]:
+        """The window as plain numbers (for the checkpoint)."""
+        elapsed = time.perf_counter() - self.started
+        return {"sums": dict(self.sums), "count": self.count, "images": self.images, "elapsed": elapsed}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue the window that :meth:`state` captured (an empty one when ``state`` is empty)."""
+        self.sums = {key: float(value) for key, value in state.get("sums", {}).items()}
+        self.count, self.images = int(state.get("count", 0)), int(state.get("images", 0))
+        self.started = time.perf_counter() - float(state.get("elapsed", 0.0))
+
+
+@dataclass
 class Trainer:
     """A run's whole state: what a step touches (``modules``, ``settings``), the data and the position."""
 
@@ -236,6 +273,7 @@ class Trainer:
     step: int = 0  # global step: epochs * iters_per_epoch + step in epoch
     skipped_images: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    log_window: RunningMeans = field(default_factory=RunningMeans)  # steps since the last log line
     init: dict[str, Any] = field(default_factory=dict)  # the InitReport of --init (empty without one)
 
     @property
@@ -297,29 +335,6 @@ def apply_init(trainer: Trainer) -> InitReport:
 # --------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class RunningMeans:
-    """Averages of the logged numbers since the last log line."""
-
-    sums: dict[str, float] = field(default_factory=dict)
-    count: int = 0
-    images: int = 0
-    started: float = field(default_factory=time.perf_counter)
-
-    def add(self, numbers: dict[str, float], images: int) -> None:
-        for key, value in numbers.items():
-            self.sums[key] = self.sums.get(key, 0.0) + value
-        self.count += 1
-        self.images += images
-
-    def flush(self) -> dict[str, float]:
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
-        means = {key: value / max(self.count, 1) for key, value in self.sums.items()}
-        means["images_per_s"] = self.images * distributed.world_size() / elapsed
-        self.sums, self.count, self.images, self.started = {}, 0, 0, time.perf_counter()
-        return means
-
-
 def peak_memory_mb(device: torch.device) -> float:
     """Peak accelerator memory (CUDA) or peak resident set size (CPU) in MiB."""
     if device.type == "cuda":
@@ -350,16 +365,27 @@ def one_step(trainer: Trainer, batch: Batch) -> dict[str, float]:
 
 
 def run_epoch(trainer: Trainer, output_dir: Path, progress: tqdm | None, stop_at: int) -> None:
-    """Train from the current position to the end of the epoch, or to global step ``stop_at``."""
+    """Train from the current position to the end of the epoch, or to global step ``stop_at``.
+
+    A log line is written every ``log_every`` steps and for the epoch's last, partial window; a window cut by
+    ``stop_at`` (or by a kill) continues from the checkpoint, so a resumed run writes the same lines.
+
+    Raises:
+        ValueError: a whole epoch's worth of batches in a row held no readable image.
+    """
     cfg = trainer.config.run
     trainer.data.sampler.set_position(trainer.epoch, trainer.step - trainer.epoch * trainer.iters_per_epoch)
-    means = RunningMeans()
+    means, unreadable_batches = trainer.log_window, 0
     for batch in trainer.data.loader:
         trainer.skipped_images += batch.num_skipped
         if batch.images.numel() == 0 or batch.images.shape[0] < 1:
             logger.warning("step %d: every image of the batch was unreadable; skipped", trainer.step)
             trainer.step += 1
+            unreadable_batches += 1
+            if unreadable_batches >= trainer.iters_per_epoch:
+                raise unreadable_data_error(trainer)
             continue
+        unreadable_batches = 0
         numbers = one_step(trainer, batch)
         trainer.step += 1
         means.add(numbers, batch.images.shape[0])
@@ -378,8 +404,18 @@ def run_epoch(trainer: Trainer, output_dir: Path, progress: tqdm | None, stop_at
             break
         if cfg.checkpoint_every and trainer.step % cfg.checkpoint_every == 0:
             checkpoint.save_trainer(trainer, output_dir)
-    if means.count:
+    if means.count and trainer.step % trainer.iters_per_epoch == 0:
         write_log_line(trainer, means.flush(), output_dir)
+
+
+def unreadable_data_error(trainer: Trainer) -> ValueError:
+    """The error for training data of which a whole epoch's worth of images in a row could not be read."""
+    images = trainer.iters_per_epoch * trainer.config.optim.batch_size_per_gpu * distributed.world_size()
+    return ValueError(
+        f"--data_path {trainer.config.data.data_path}: none of {images} images in a row could be read (see the "
+        "warnings above), so training stops without writing a checkpoint; check the files (format, permissions) "
+        "or point --data_path at another folder"
+    )
 
 
 @dataclass(frozen=True)
@@ -394,9 +430,17 @@ class TrainResult:
 
 
 def train(config: TrainConfig, progress_bar: bool = True) -> TrainResult:
-    """Pretrain with CrIBo; resumes automatically from ``output_dir/checkpoint.pth`` when present."""
+    """Pretrain with CrIBo; resumes automatically from ``output_dir/checkpoint.pth`` when present.
+
+    The output folder and the checkpoint (readable, written with the same tensor shapes) are checked before
+    anything is built.
+    """
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
+    output_dir = Path(config.run.output_dir)
+    if distributed.is_main_process():
+        checkpoint.check_output_dir(output_dir)
+    checkpoint.read_resume_state(output_dir, config, mmap=True)  # a quick check: fit reads it in full
     trainer = build_trainer(config)
     return fit(trainer, progress_bar=progress_bar)
 
@@ -406,21 +450,18 @@ def fit(trainer: Trainer, progress_bar: bool = True) -> TrainResult:
     config = trainer.config
     output_dir = Path(config.run.output_dir)
     ckpt_path = output_dir / checkpoint.CHECKPOINT_NAME
-    if ckpt_path.is_file():
-        checkpoint.load_trainer(trainer, checkpoint.load(ckpt_path))
+    state = checkpoint.read_resume_state(output_dir, config)
+    if state is not None:
+        checkpoint.load_trainer(trainer, state)
         logger.info("resumed from %s at epoch %d, step %d", ckpt_path, trainer.epoch, trainer.step)
     elif config.model.init:
         apply_init(trainer)
-    if distributed.is_main_process():
-        output_dir.mkdir(parents=True, exist_ok=True)
-        config_lib.save(config, output_dir / "config.yaml")
-        if trainer.init:
-            checkpoint.atomic_write_text(output_dir / INIT_REPORT_NAME, json.dumps(trainer.init, indent=2) + "\n")
-    distributed.barrier()
+    del state  # the trainer holds its own copies of the tensors
     total = config.optim.epochs * trainer.iters_per_epoch
     stop_at = min(total, config.run.max_steps) if config.run.max_steps else total
     progress = make_progress(trainer.step, stop_at) if progress_bar and distributed.is_main_process() else None
     try:
+        start_run_files(trainer, output_dir)
         while trainer.step < stop_at:
             trainer.epoch = trainer.step // trainer.iters_per_epoch
             run_epoch(trainer, output_dir, progress, stop_at)
@@ -430,11 +471,29 @@ def fit(trainer: Trainer, progress_bar: bool = True) -> TrainResult:
             checkpoint.save_trainer(
                 trainer, output_dir, snapshot=epoch_done and bool(freq) and trainer.epoch % freq == 0
             )
+    except (OSError, RuntimeError) as err:
+        full = checkpoint.disk_full_cause(err)
+        if full is None or isinstance(err, checkpoint.DiskFullError):
+            raise
+        raise checkpoint.disk_full_error(Path(full.filename or output_dir), output_dir) from err
     finally:
         if progress is not None:
             progress.close()
     distributed.barrier()
     return TrainResult(output_dir, ckpt_path, trainer.epoch, trainer.step, trainer.history)
+
+
+def start_run_files(trainer: Trainer, output_dir: Path) -> None:
+    """Rank 0 readies the run folder: created and writable, temp files of a killed writer removed, log.txt cut
+    back to the checkpoint's step (a resumed run writes the later lines again), config.yaml and init.json."""
+    if distributed.is_main_process():
+        checkpoint.prepare_output_dir(output_dir)
+        checkpoint.remove_stale_temp_files(output_dir)
+        checkpoint.trim_log(output_dir, trainer.step)
+        config_lib.save(trainer.config, output_dir / "config.yaml")
+        if trainer.init:
+            checkpoint.atomic_write_text(output_dir / INIT_REPORT_NAME, json.dumps(trainer.init, indent=2) + "\n")
+    distributed.barrier()
 
 
 def make_progress(start: int, total: int) -> tqdm:

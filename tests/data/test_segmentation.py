@@ -112,6 +112,54 @@ def test_voc_errors_name_the_file(tmp_path: Path) -> None:
         VOCSegmentation(tmp_path / "nowhere", "val")
 
 
+def write_exif_pair(voc: Path, stem: str, orientation: int, mask_size: tuple[int, int]) -> np.ndarray:
+    """A JPEG stored 32 wide x 20 high (left half red, right half blue) with an EXIF orientation tag, and a mask of
+    ``mask_size`` (width, height); returns the mask."""
+    stored = np.zeros((20, 32, 3), dtype=np.uint8)
+    stored[:, :16, 0] = 255
+    stored[:, 16:, 2] = 255
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(stored).save(voc / "JPEGImages" / f"{stem}.jpg", exif=exif.tobytes(), quality=95)
+    mask = np.zeros(mask_size[::-1], dtype=np.uint8)
+    mask[: mask_size[1] // 2] = 15
+    save_palette_png(mask, voc / "SegmentationClass" / f"{stem}.png")
+    return mask
+
+
+def test_voc_exif_orientation_applied_when_the_mask_is_upright(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Orientation 6 (turn 90 degrees clockwise to display): the displayed image is 20 wide x 32 high, red on top,
+    # as its mask; before, evaluation stopped with "mask is 20x32 but its image is 32x20".
+    voc = write_voc(tmp_path, {"val": ["a", "b", "c"]})
+    mask = write_exif_pair(voc, "b", 6, (20, 32))
+    write_exif_pair(voc, "c", 6, (20, 32))
+    with caplog.at_level("WARNING"):
+        dataset = VOCSegmentation(tmp_path, "val")
+    warnings = [record.getMessage() for record in caplog.records if "EXIF orientation" in record.getMessage()]
+    assert len(warnings) == 1 and "of 2 image(s)" in warnings[0]
+    image, labels = dataset[1]
+    assert image.size == (20, 32) and np.array_equal(labels, mask)
+    pixels = np.asarray(image, dtype=np.int64)
+    assert np.abs(pixels[2:14] - [255, 0, 0]).max() < 40 and np.abs(pixels[18:30] - [0, 0, 255]).max() < 40
+    assert dataset[0][0].size == (24, 20)  # an image without the tag is untouched
+
+
+def test_voc_exif_orientation_left_out_when_the_mask_fits_the_stored_pixels(tmp_path: Path) -> None:
+    voc = write_voc(tmp_path, {"val": ["a"]})
+    write_exif_pair(voc, "a", 6, (32, 20))
+    dataset = VOCSegmentation(tmp_path, "val")
+    assert dataset[0][0].size == (32, 20) and not dataset.upright
+
+
+def test_voc_exif_neither_orientation_fits_is_an_error(tmp_path: Path) -> None:
+    voc = write_voc(tmp_path, {"val": ["a"]})
+    write_exif_pair(voc, "a", 8, (24, 24))
+    with pytest.raises(ValueError, match=r"a\.png: mask is 24x24 but its image a\.jpg is 32x20 \(20x32 upright"):
+        VOCSegmentation(tmp_path, "val")
+
+
 def write_ade(root: Path, split: str, count: int) -> Path:
     base = root / "ADEChallengeData2016"
     for kind in ("images", "annotations"):

@@ -6,8 +6,10 @@ mode: grayscale, palette, transparent (composited on black), 16-bit (scaled, not
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +71,15 @@ def _relative_image_paths(root: Path) -> list[str]:
     return sorted(found, key=lambda relative: relative.split(os.sep))
 
 
+def check_regular_file(path: str | os.PathLike[str]) -> None:
+    """Raise OSError unless ``path`` (links followed) is a regular file: opening a FIFO blocks until something
+    writes to it, and a device file may never end, so their type is checked before they are opened."""
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device or folder"
+        raise OSError(errno.EINVAL, f"not a regular file ({kind})", str(path))
+
+
 def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
     """Read an image file as an upright 8-bit RGB image (see :func:`to_rgb` for the mode conversions).
 
@@ -79,8 +90,10 @@ def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
         The decoded RGB image, rotated/mirrored as its EXIF orientation tag says.
 
     Raises:
-        OSError: the file is missing, not an image or truncated (PIL's errors; see ``ImageFolder``).
+        OSError: the file is missing, not a regular file (a FIFO, socket or device would block or never end), not
+            an image or truncated (PIL's errors; see ``ImageFolder``).
     """
+    check_regular_file(path)
     with Image.open(path) as image:
         image.load()  # decode now, inside the `with`; truncated files raise here
         upright = ImageOps.exif_transpose(image)

@@ -32,18 +32,21 @@ from typing import ClassVar, Literal, Protocol, runtime_checkable
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor
 from torchvision.transforms import InterpolationMode
 
 from cribo.augment import JITTER_STEPS, JitterStep, TorchRandom, apply_colour_jitter, random_crop_box
-from cribo.data.folder import IMAGE_EXTENSIONS, to_rgb
+from cribo.data.folder import IMAGE_EXTENSIONS, check_regular_file, to_rgb
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = 255  # label that no metric or loss counts (VOC borders; ADE20K "other" after remapping)
 MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff")
 SEGMENTATION_FLIP_PROBABILITY = 0.5  # mmseg's RandomFlip(prob=0.5) in the segmentation training pipeline
+EXIF_ORIENTATION = 0x0112  # the EXIF tag of the orientation: 1 upright, 2-8 mirrored and/or turned (EXIF 2.3 §4.6.4)
+EXIF_ROTATIONS = frozenset(range(2, 9))
+EXIF_TRANSPOSING = frozenset({5, 6, 7, 8})  # the orientations that swap width and height
 
 # Pascal VOC 2012: 20 object classes + background (the devkit's order).
 VOC_CLASS_NAMES = (
@@ -126,11 +129,12 @@ def read_label_mask(path: Path, allow_rgb_palette: bool = False) -> np.ndarray:
         (H, W) uint8 label array (the palette index for palette PNGs).
     """
     try:
+        check_regular_file(path)
         with Image.open(path) as mask:
             mode = mask.mode
             array = np.asarray(mask.convert("RGB") if mode in ("RGB", "RGBA") else mask)
     except OSError as error:
-        raise ValueError(f"{path}: cannot read the mask ({error})") from error
+        raise ValueError(f"{path}: cannot read the mask ({error.strerror or error})") from error
     if mode in ("RGB", "RGBA"):
         if not allow_rgb_palette:
             raise ValueError(f"{path}: a mask must be a single-channel label image (mode P, L or I), got {mode}")
@@ -162,22 +166,67 @@ def check_mask(mask: np.ndarray, image_size: tuple[int, int], num_classes: int, 
         )
 
 
-def load_image(path: Path) -> Image.Image:
+def load_image(path: Path, upright: bool = False) -> Image.Image:
     """Open an image as 8-bit RGB (``cribo.data.folder.to_rgb`` conversions), with a ValueError naming the file.
 
-    Unlike ``cribo.data.folder.load_rgb`` the EXIF orientation is NOT applied: label masks are stored in the
-    raw pixel orientation of their image, so rotating only the image would misalign the pair.
+    Args:
+        path: the image file.
+        upright: apply its EXIF orientation (see :func:`mask_orientation`: only where the mask was drawn on the
+            upright image).
     """
     try:
+        check_regular_file(path)
         with Image.open(path) as image:
             image.load()
-            return to_rgb(image)
+            return to_rgb(ImageOps.exif_transpose(image) if upright else image)
     except OSError as error:
-        raise ValueError(f"{path}: cannot read the image ({error})") from error
+        raise ValueError(f"{path}: cannot read the image ({error.strerror or error})") from error
+
+
+def exif_orientation(path: Path) -> tuple[int, tuple[int, int]]:
+    """The EXIF orientation tag of an image (1 = none) and its stored (width, height), from its header only."""
+    try:
+        check_regular_file(path)
+        with Image.open(path) as image:
+            return int(image.getexif().get(EXIF_ORIENTATION, 1)), image.size
+    except OSError as error:
+        raise ValueError(f"{path}: cannot read the image ({error.strerror or error})") from error
+
+
+def mask_orientation(image_path: Path, mask_path: Path) -> bool:
+    """Whether the mask of ``image_path`` was drawn on its EXIF-upright image (apply the orientation) or on its
+    stored pixels (do not).
+
+    Masks are usually drawn on the image as displayed, i.e. upright: the orientation is applied whenever the upright
+    image fits the mask. An orientation that swaps width and height (90-degree turns) is left out when only the
+    stored pixels fit the mask.
+
+    Raises:
+        ValueError: neither orientation of the image has the mask's size.
+    """
+    orientation, size = exif_orientation(image_path)
+    if orientation not in EXIF_ROTATIONS:
+        return False
+    if orientation not in EXIF_TRANSPOSING:
+        return True  # the size is the same both ways; the mask was drawn on the image as displayed
+    try:
+        with Image.open(mask_path) as mask:
+            mask_size = mask.size
+    except OSError as error:
+        raise ValueError(f"{mask_path}: cannot read the mask ({error})") from error
+    upright = (size[1], size[0])
+    if mask_size == upright:
+        return True
+    if mask_size == size:
+        return False
+    raise ValueError(
+        f"{mask_path}: mask is {mask_size[0]}x{mask_size[1]} but its image {image_path.name} is {size[0]}x{size[1]} "
+        f"({upright[0]}x{upright[1]} upright, EXIF orientation {orientation}); the mask must have the image's size"
+    )
 
 
 def _missing_error(kind: str, missing: list[Path]) -> ValueError:
-    shown = ", ".join(str(path) for path in missing[:5])
+    shown = ", ".join(str(path) + ("" if not path.exists() else " (not a regular file)") for path in missing[:5])
     more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
     return ValueError(f"missing {kind}: {shown}{more}")
 
@@ -206,6 +255,16 @@ class _FileSegmentation:
         self.class_names = tuple(class_names)
         self.num_classes = len(self.class_names)
         self.fingerprint = _fingerprint(name, self.num_classes, *(f"{i}:{m}" for i, m in zip(images, masks)))
+        self.upright = frozenset(index for index in range(len(images)) if mask_orientation(images[index], masks[index]))
+        if self.upright:  # features of these images differ from the stored pixels': a cache key of their own
+            self.fingerprint = _fingerprint(self.fingerprint, "upright", *sorted(self.upright))
+            example = images[min(self.upright)].name
+            logger.warning(
+                "%s: applied the EXIF orientation of %d image(s) (e.g. %s) so that they match their masks",
+                name,
+                len(self.upright),
+                example,
+            )
 
     def __len__(self) -> int:
         return len(self.images)
@@ -214,7 +273,7 @@ class _FileSegmentation:
         return labels
 
     def __getitem__(self, index: int) -> tuple[Image.Image, np.ndarray]:
-        image = load_image(self.images[index])
+        image = load_image(self.images[index], upright=index in self.upright)
         mask = self._remap(read_label_mask(self.masks[index], self.allow_rgb_palette), self.masks[index])
         check_mask(mask, image.size, self.num_classes, self.masks[index])
         return image, mask
@@ -322,6 +381,7 @@ class FolderSegmentation(_FileSegmentation):
         num_classes: int | None = None,
         background_index: int | None = None,
     ) -> None:
+        self.largest_label: tuple[int, Path | None] | None = None  # (label, mask file) when the classes are inferred
         image_dir, mask_dir = self.find_folders(Path(root), split)
         images = sorted(path for path in image_dir.iterdir() if path.suffix.lower() in IMAGE_EXTENSIONS)
         masks = [self._mask_for(mask_dir, path) for path in images]
@@ -357,8 +417,7 @@ class FolderSegmentation(_FileSegmentation):
                 return candidate
         return mask_dir / f"{image.stem}.png"  # reported as missing by the base class
 
-    @staticmethod
-    def _class_names(root: Path, split_root: Path, num_classes: int | None, masks: list[Path]) -> list[str]:
+    def _class_names(self, root: Path, split_root: Path, num_classes: int | None, masks: list[Path]) -> list[str]:
         for folder in (split_root, root):
             names_file = folder / "classes.txt"
             if names_file.is_file():
@@ -368,12 +427,14 @@ class FolderSegmentation(_FileSegmentation):
                 return names
         if num_classes is None:
             found = [
-                int(labels[labels != IGNORE_INDEX].max(initial=0))
-                for labels in map(read_label_mask, masks)
+                (int(labels[labels != IGNORE_INDEX].max(initial=0)), path)
+                for path, labels in zip(masks, map(read_label_mask, masks))
                 if labels.size
             ]
-            num_classes = max(found, default=0) + 1
-            logger.info("folder dataset: %d classes inferred from the largest mask label", num_classes)
+            largest, where = max(found, key=lambda item: item[0], default=(0, None))
+            num_classes = largest + 1
+            self.largest_label = (largest, where)
+            logger.info("folder dataset: %d classes inferred from the largest mask label (%s)", num_classes, where)
         if num_classes < 1 or num_classes > IGNORE_INDEX:
             raise ValueError(f"num_classes={num_classes} must lie in 1..{IGNORE_INDEX}")
         return [f"class_{label}" for label in range(num_classes)]

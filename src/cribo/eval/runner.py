@@ -95,7 +95,19 @@ def build_datasets(options: EvalOptions) -> tuple[SegmentationSet, SegmentationS
         )
         sets.append(build_segmentation_dataset(spec))
     if sets[0].num_classes != sets[1].num_classes:
-        raise ValueError(f"train split has {sets[0].num_classes} classes but val split {sets[1].num_classes}")
+        inferred = [
+            f"{role}: largest label {found[0]} in {found[1]}"
+            for role, dataset in zip(("train", "val"), sets)
+            if (found := getattr(dataset, "largest_label", None)) is not None
+        ]
+        advice = (
+            f" ({'; '.join(inferred)}); add a classes.txt that lists every class, or pass --num-classes"
+            if inferred
+            else ""
+        )
+        raise ValueError(
+            f"the train split has {sets[0].num_classes} classes but the val split {sets[1].num_classes}{advice}"
+        )
     return sets[0], sets[1]
 
 

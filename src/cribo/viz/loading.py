@@ -100,7 +100,15 @@ def load_history(run_dir: Path) -> list[dict[str, float]]:
     log = Path(run_dir) / "log.txt"
     if not log.is_file():
         raise ValueError(f"{log} not found: pass a run directory written by `cribo train`")
-    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(log.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{log}, line {number}: not a JSON log line ({err.msg}); fix or remove that line") from err
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------------
