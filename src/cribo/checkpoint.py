@@ -9,17 +9,15 @@ Before a run resumes, :func:`read_resume_state` tells a damaged file from a fore
 change a saved tensor's shape (:data:`SHAPE_SETTINGS`), and the run folder is made ready: checked writable
 (:func:`check_output_dir`), temp files of a killed writer removed, ``log.txt`` cut back to the checkpoint's step
 (the running log window is saved too, so the resumed run writes exactly the lines of an uninterrupted one). A full
-disk while saving keeps the previous checkpoint and says which step it holds (:class:`DiskFullError`).
+disk while saving keeps the previous checkpoint and says which step it holds (:class:`cribo.files.DiskFullError`).
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
 import random
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +26,8 @@ import torch
 
 from cribo import config as config_lib
 from cribo import distributed
-from cribo.hub import DiskFullError, PickleRefusedError, WeightsFileError, atomic_write_bytes, read_torch_file
+from cribo.files import TEMP_PATTERN, DiskFullError, atomic_save, atomic_write_text, disk_full_cause
+from cribo.hub import PickleRefusedError, WeightsFileError, read_torch_file
 
 if TYPE_CHECKING:
     from cribo.train import Trainer
@@ -38,7 +37,6 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_NAME = "checkpoint.pth"
 SNAPSHOT_NAME = "checkpoint{epoch:04d}.pth"
 LOG_NAME = "log.txt"
-TEMP_PATTERN = re.compile(r"\.(?P<name>.+)\.tmp-(?P<pid>\d+)")  # atomic_save's and atomic_write_text's temp files
 # Settings that change the shape of a saved tensor or the optimiser's parameter groups: a run cannot resume from a
 # checkpoint written with other values (its tensors would not load, or the optimiser state would not match).
 SHAPE_SETTINGS: tuple[tuple[str, str], ...] = (
@@ -56,51 +54,6 @@ SHAPE_SETTINGS: tuple[tuple[str, str], ...] = (
     ("method", "queue_size"),
     ("optim", "backbone_lr_scale"),
 )
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    """Write ``obj`` with ``torch.save`` so that ``path`` always holds either the old or the new file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    # Make the rename itself durable where the platform allows it.
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a small text file so that ``path`` always holds either the old or the new text."""
-    atomic_write_bytes(path, text.encode())
-
-
-def disk_full_cause(error: BaseException) -> OSError | None:
-    """The ENOSPC error behind ``error`` (itself or one it was raised from), else None. torch.save reports a full
-    disk as a RuntimeError chained to the OSError of the failed write."""
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        if isinstance(current, OSError) and current.errno == errno.ENOSPC:
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
 
 
 def disk_full_error(path: Path, output_dir: Path) -> DiskFullError:

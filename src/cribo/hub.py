@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import pickletools
 import re
 import zipfile
@@ -37,6 +36,7 @@ from safetensors.torch import save as save_safetensors
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from cribo.files import DiskFullError, atomic_write_bytes
 from cribo.models import (
     DEFAULT_PATCH_SIZE,
     EMBED_DIM_TO_ARCH,
@@ -908,17 +908,3 @@ def export_backbone(backbone: VisionTransformer, path: str | Path, *, arch: str 
                 "free some space or write it elsewhere"
             ) from err
     return path
-
-
-class DiskFullError(OSError):
-    """A file could not be written for lack of space; the file it would have replaced is intact."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file so that ``path`` always holds either the old or the new bytes (no temp file left on failure)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

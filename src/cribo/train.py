@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cribo import checkpoint, distributed
+from cribo import checkpoint, distributed, files
 from cribo import config as config_lib
 from cribo.clustering import ClusteringSettings
 from cribo.config import TrainConfig
@@ -472,8 +472,8 @@ def fit(trainer: Trainer, progress_bar: bool = True) -> TrainResult:
                 trainer, output_dir, snapshot=epoch_done and bool(freq) and trainer.epoch % freq == 0
             )
     except (OSError, RuntimeError) as err:
-        full = checkpoint.disk_full_cause(err)
-        if full is None or isinstance(err, checkpoint.DiskFullError):
+        full = files.disk_full_cause(err)
+        if full is None or isinstance(err, files.DiskFullError):
             raise
         raise checkpoint.disk_full_error(Path(full.filename or output_dir), output_dir) from err
     finally:
@@ -492,7 +492,7 @@ def start_run_files(trainer: Trainer, output_dir: Path) -> None:
         checkpoint.trim_log(output_dir, trainer.step)
         config_lib.save(trainer.config, output_dir / "config.yaml")
         if trainer.init:
-            checkpoint.atomic_write_text(output_dir / INIT_REPORT_NAME, json.dumps(trainer.init, indent=2) + "\n")
+            files.atomic_write_text(output_dir / INIT_REPORT_NAME, json.dumps(trainer.init, indent=2) + "\n")
     distributed.barrier()
 
 

@@ -6,15 +6,15 @@ mode: grayscale, palette, transparent (composited on black), 16-bit (scaled, not
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
-import stat
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
+
+from cribo.files import check_regular_file
 
 logger = logging.getLogger(__name__)
 
@@ -69,15 +69,6 @@ def _relative_image_paths(root: Path) -> list[str]:
     if not found:
         raise ValueError(f"root {str(root)!r} holds no image; accepted extensions (any case): {accepted}")
     return sorted(found, key=lambda relative: relative.split(os.sep))
-
-
-def check_regular_file(path: str | os.PathLike[str]) -> None:
-    """Raise OSError unless ``path`` (links followed) is a regular file: opening a FIFO blocks until something
-    writes to it, and a device file may never end, so their type is checked before they are opened."""
-    mode = os.stat(path).st_mode
-    if not stat.S_ISREG(mode):
-        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device or folder"
-        raise OSError(errno.EINVAL, f"not a regular file ({kind})", str(path))
 
 
 def load_rgb(path: str | os.PathLike[str]) -> Image.Image:

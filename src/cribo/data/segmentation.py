@@ -37,7 +37,8 @@ from torch import Tensor
 from torchvision.transforms import InterpolationMode
 
 from cribo.augment import JITTER_STEPS, JitterStep, TorchRandom, apply_colour_jitter, random_crop_box
-from cribo.data.folder import IMAGE_EXTENSIONS, check_regular_file, to_rgb
+from cribo.data.folder import IMAGE_EXTENSIONS, to_rgb
+from cribo.files import check_regular_file
 
 logger = logging.getLogger(__name__)
 
