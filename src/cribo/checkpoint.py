@@ -14,7 +14,6 @@ disk while saving keeps the previous checkpoint and says which step it holds (:c
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -26,7 +25,7 @@ import torch
 
 from cribo import config as config_lib
 from cribo import distributed
-from cribo.files import TEMP_PATTERN, DiskFullError, atomic_save, atomic_write_text, disk_full_cause
+from cribo.files import TEMP_PATTERN, DiskFullError, atomic_save, disk_full_cause
 from cribo.hub import PickleRefusedError, WeightsFileError, read_torch_file
 
 if TYPE_CHECKING:
@@ -36,7 +35,6 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pth"
 SNAPSHOT_NAME = "checkpoint{epoch:04d}.pth"
-LOG_NAME = "log.txt"
 # Settings that change the shape of a saved tensor or the optimiser's parameter groups: a run cannot resume from a
 # checkpoint written with other values (its tensors would not load, or the optimiser state would not match).
 SHAPE_SETTINGS: tuple[tuple[str, str], ...] = (
@@ -212,30 +210,6 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:  # alive, owned by another user
         return True
     return True
-
-
-def trim_log(output_dir: Path, step: int) -> None:
-    """Keep the lines of ``log.txt`` up to global step ``step`` (a resumed run writes the later ones again).
-
-    Lines a killed run wrote after its last checkpoint, and a torn last line, are dropped.
-    """
-    path = Path(output_dir) / LOG_NAME
-    if not path.is_file():
-        return
-    lines = path.read_text().splitlines()
-    steps = [_log_step(line) for line in lines]
-    kept = [line for line, line_step in zip(lines, steps) if line_step is not None and line_step <= step]
-    if len(kept) != len(lines):
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
-        logger.info("log.txt: %d line(s) after step %d dropped (written again on resume)", len(lines) - len(kept), step)
-
-
-def _log_step(line: str) -> int | None:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    return int(record["step"]) if isinstance(record, dict) and isinstance(record.get("step"), (int, float)) else None
 
 
 def rng_state() -> dict[str, Any]:

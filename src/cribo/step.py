@@ -31,6 +31,7 @@ from cribo.losses import CrIBoLoss
 from cribo.matching import CrossImageMatches, cross_image_entries, match_objects
 from cribo.memory import ObjectMemoryBank
 from cribo.models import CrIBoNetwork
+from cribo.schedules import StepValues
 from cribo.search import BankKeys
 from cribo.teacher import ema_update
 
@@ -41,7 +42,6 @@ __all__ = [
     "StepModules",
     "StepOutput",
     "StepSettings",
-    "StepValues",
     "StudentStep",
     "TeacherOutput",
     "split_tokens",
@@ -74,20 +74,6 @@ def _no_lap(name: str) -> None:
 
 class NonFiniteLossError(RuntimeError):
     """Raised when a loss term is NaN or infinite; the last checkpoint on disk is left as it was."""
-
-
-@dataclass(frozen=True)
-class StepValues:
-    """Schedule values at one step (plain floats: the losses know no epochs)."""
-
-    lr: float
-    weight_decay: float
-    momentum: float
-    teacher_temp: float
-    teacher_temp_c: float
-    pos_alpha: float
-    cross_image: bool
-    freeze_last_layer: bool
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,6 @@ import dataclasses
 import json
 import logging
 import random
-import resource
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cribo import checkpoint, distributed, files
+from cribo import checkpoint, distributed, files, logs
 from cribo import config as config_lib
 from cribo.clustering import ClusteringSettings
 from cribo.config import TrainConfig
@@ -33,21 +31,13 @@ from cribo.losses import CrIBoLoss
 from cribo.memory import ObjectMemoryBank
 from cribo.models import CrIBoNetwork, ProjectionHead, create_backbone, freeze_blocks
 from cribo.runtime import autocast_dtype, resolve_device
-from cribo.schedules import (
-    last_layer_frozen,
-    lr_schedule,
-    pos_alpha_at,
-    teacher_momentum_schedule,
-    teacher_temperature,
-    weight_decay_schedule,
-)
+from cribo.schedules import Schedules, StepValues
 from cribo.search import BankKeys
 from cribo.step import (
     LossWeights,
     NonFiniteLossError,
     StepModules,
     StepSettings,
-    StepValues,
     StudentStep,
     train_step,
 )
@@ -184,81 +174,6 @@ def build_modules(config: TrainConfig, settings: StepSettings) -> StepModules:
     )
 
 
-@dataclass(frozen=True)
-class Schedules:
-    """Every per-step value: DINO-style arrays over global steps, and the per-epoch values of the configuration."""
-
-    config: TrainConfig
-    lr: np.ndarray
-    weight_decay: np.ndarray
-    momentum: np.ndarray
-
-    @classmethod
-    def build(cls, config: TrainConfig, iters: int, world_size: int) -> Schedules:
-        opt = config.optim
-        total_batch = opt.batch_size_per_gpu * world_size
-        return cls(
-            config=config,
-            lr=lr_schedule(opt.lr, opt.min_lr, total_batch, opt.epochs, iters, opt.warmup_epochs),
-            weight_decay=weight_decay_schedule(opt.weight_decay, opt.weight_decay_end, opt.epochs, iters),
-            momentum=teacher_momentum_schedule(opt.momentum_teacher, opt.epochs, iters),
-        )
-
-    def at(self, step: int, epoch: int) -> StepValues:
-        """The values of global step ``step`` in epoch ``epoch``."""
-        cfg, it = self.config, min(step, len(self.lr) - 1)
-        loss = cfg.loss
-        return StepValues(
-            lr=float(self.lr[it]),
-            weight_decay=float(self.weight_decay[it]),
-            momentum=float(self.momentum[it]),
-            teacher_temp=teacher_temperature(
-                epoch, loss.warmup_teacher_temp, loss.teacher_temp, loss.warmup_teacher_temp_epochs
-            ),
-            teacher_temp_c=teacher_temperature(
-                epoch, loss.warmup_teacher_temp_c, loss.teacher_temp_c, loss.warmup_teacher_temp_epochs
-            ),
-            pos_alpha=pos_alpha_at(epoch, cfg.optim.epochs, cfg.method.pos_alpha, order=cfg.method.semantics),
-            cross_image=epoch >= 1,  # the cross-image term starts with the second epoch (paper §3.3)
-            freeze_last_layer=last_layer_frozen(epoch, cfg.optim.freeze_last_layer),
-        )
-
-
-@dataclass
-class RunningMeans:
-    """Averages of the logged numbers since the last log line (saved in checkpoints, so that a resumed run writes
-    the lines an uninterrupted one would)."""
-
-    sums: dict[str, float] = field(default_factory=dict)
-    count: int = 0
-    images: int = 0
-    started: float = field(default_factory=time.perf_counter)
-
-    def add(self, numbers: dict[str, float], images: int) -> None:
-        for key, value in numbers.items():
-            self.sums[key] = self.sums.get(key, 0.0) + value
-        self.count += 1
-        self.images += images
-
-    def flush(self) -> dict[str, float]:
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
-        means = {key: value / max(self.count, 1) for key, value in self.sums.items()}
-        means["images_per_s"] = self.images * distributed.world_size() / elapsed
-        self.sums, self.count, self.images, self.started = {}, 0, 0, time.perf_counter()
-        return means
-
-    def state(self) -> dict[str, Any]:
-        """The window as plain numbers (for the checkpoint)."""
-        elapsed = time.perf_counter() - self.started
-        return {"sums": dict(self.sums), "count": self.count, "images": self.images, "elapsed": elapsed}
-
-    def restore(self, state: dict[str, Any]) -> None:
-        """Continue the window that :meth:`state` captured (an empty one when ``state`` is empty)."""
-        self.sums = {key: float(value) for key, value in state.get("sums", {}).items()}
-        self.count, self.images = int(state.get("count", 0)), int(state.get("images", 0))
-        self.started = time.perf_counter() - float(state.get("elapsed", 0.0))
-
-
 @dataclass
 class Trainer:
     """A run's whole state: what a step touches (``modules``, ``settings``), the data and the position."""
@@ -273,7 +188,7 @@ class Trainer:
     step: int = 0  # global step: epochs * iters_per_epoch + step in epoch
     skipped_images: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
-    log_window: RunningMeans = field(default_factory=RunningMeans)  # steps since the last log line
+    log_window: logs.RunningMeans = field(default_factory=logs.RunningMeans)  # steps since the last log line
     init: dict[str, Any] = field(default_factory=dict)  # the InitReport of --init (empty without one)
 
     @property
@@ -335,22 +250,11 @@ def apply_init(trainer: Trainer) -> InitReport:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak accelerator memory (CUDA) or peak resident set size (CPU) in MiB."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def write_log_line(trainer: Trainer, numbers: dict[str, float], output_dir: Path) -> None:
-    """Append one JSON line to log.txt (rank 0 only)."""
-    record = {"epoch": trainer.epoch, "step": trainer.step, **numbers}
-    record["peak_mem_mb"] = peak_memory_mb(trainer.device)
-    record["skipped_images"] = trainer.skipped_images
-    trainer.history.append({k: float(v) for k, v in record.items()})
-    if distributed.is_main_process():
-        with open(output_dir / "log.txt", "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+    """One line of ``log.txt`` at the trainer's position, kept in its history too."""
+    record = logs.log_record((trainer.epoch, trainer.step), numbers, trainer.device, trainer.skipped_images)
+    trainer.history.append({key: float(value) for key, value in record.items()})
+    logs.append_line(output_dir, record)
 
 
 def one_step(trainer: Trainer, batch: Batch) -> dict[str, float]:
@@ -489,7 +393,7 @@ def start_run_files(trainer: Trainer, output_dir: Path) -> None:
     if distributed.is_main_process():
         checkpoint.prepare_output_dir(output_dir)
         checkpoint.remove_stale_temp_files(output_dir)
-        checkpoint.trim_log(output_dir, trainer.step)
+        logs.trim_log(output_dir, trainer.step)
         config_lib.save(trainer.config, output_dir / "config.yaml")
         if trainer.init:
             files.atomic_write_text(output_dir / INIT_REPORT_NAME, json.dumps(trainer.init, indent=2) + "\n")
