@@ -123,21 +123,6 @@ PHASE_MAP: dict[str, tuple[str, ...]] = {
     "object heads and loss": ("teacher_head_mlp", "teacher_targets", "student_head_mlp", "loss", "heads_loss_backward"),
     "optimiser and EMA": ("optimiser", "ema"),
 }
-FINE_PHASES: tuple[str, ...] = (  # cribo.step.PHASES (bench_step imports nothing at module level)
-    "teacher_backbone",
-    "clustering",
-    "bank_search",
-    "teacher_head_mlp",
-    "teacher_targets",
-    "student_backbone_forward",
-    "student_head_mlp",
-    "loss",
-    "heads_loss_backward",
-    "student_backbone_backward",
-    "optimiser",
-    "ema",
-    "bank_push",
-)
 PHASE_NOTES: dict[str, str] = {
     "teacher_backbone": "teacher ViT forward (no grad)",
     "clustering": "joint_space_clustering + valid_objects + pool_objects + select_valid",
@@ -466,6 +451,13 @@ def compute_bound(
 # ------------------------------------------------------------------------------------------------ report
 
 
+def fine_phases() -> tuple[str, ...]:
+    """The laps of the library's step, in order (``cribo.step.PHASES``; imported on use, as torch is)."""
+    from cribo.step import PHASES
+
+    return PHASES
+
+
 def author_phase_seconds(phases: dict[str, float]) -> dict[str, float]:
     """Our fine phases summed into the authors' six phases."""
     return {name: sum(phases.get(p, 0.0) for p in parts) for name, parts in PHASE_MAP.items()}
@@ -555,7 +547,7 @@ def fine_table(results: dict[str, dict[str, Any]]) -> str:
     headers = ["lap", "what", *names]
     rows = [
         [phase, PHASE_NOTES[phase]] + [common.fmt(results[n]["phases"].get(phase, math.nan), 4) for n in names]
-        for phase in FINE_PHASES
+        for phase in fine_phases()
     ]
     rows.append(["objects n", "valid objects per step (median)"] + [f"{results[n]['objects']:.0f}" for n in names])
     rows.append(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from cribo.config import TrainConfig
 from cribo.hub import load_network_state
 from cribo.models import CrIBoNetwork, ProjectionHead, create_backbone, set_fused_attention
 
@@ -130,3 +132,50 @@ def assert_state_equal(module: torch.nn.Module, expected: dict[str, Tensor]) -> 
     assert set(state) == set(expected)
     for key, value in expected.items():
         assert torch.equal(state[key], value), key
+
+
+# A seconds-long training run: 2-block ViT-Tiny/8 on 32-px views of the built-in scenes, 4 steps of 4 images per
+# epoch, CPU, fp32, a log line every step (test_train.py, test_failures.py, test_init.py).
+TINY_RUN: dict[str, Any] = {
+    "arch": "vit_tiny",
+    "patch_size": 8,
+    "depth": 2,
+    "out_dim": 64,
+    "out_dim_c": 64,
+    "image_size": 32,
+    "scenes_num_images": 16,
+    "scenes_image_size": 48,
+    "num_workers": 0,
+    "n_tokens": 4,
+    "queue_size": 12,
+    "epochs": 2,
+    "batch_size_per_gpu": 4,
+    "warmup_epochs": 1,
+    "warmup_teacher_temp_epochs": 1,
+    "device": "cpu",
+    "precision": "fp32",
+    "log_every": 1,
+    "checkpoint_every": 0,
+    "saveckp_freq": 0,
+}
+
+
+def tiny_config(output_dir: Path, **extra: Any) -> TrainConfig:
+    """:data:`TINY_RUN` writing to ``output_dir``, with ``extra`` overrides."""
+    from cribo import config as config_lib
+
+    return config_lib.resolve(overrides={**TINY_RUN, "output_dir": str(output_dir), **extra})
+
+
+def dense_nearest_neighbours(
+    queries: Tensor, keys: Tensor, key_mask: Tensor | None = None, normalize_keys: bool = True
+) -> tuple[Tensor, Tensor]:
+    """Reference: the full (n, M) float32 similarity matrix, masked, then argmax (first index on ties)."""
+    unit_queries = torch.nn.functional.normalize(queries.float(), dim=1)
+    unit_keys = torch.nn.functional.normalize(keys.float(), dim=1) if normalize_keys else keys.float()
+    if key_mask is None:
+        key_mask = torch.ones(keys.shape[0], dtype=torch.bool)
+    if not bool(key_mask.any()):
+        return torch.full((queries.shape[0],), -math.inf), torch.full((queries.shape[0],), -1)
+    similarity = (unit_queries @ unit_keys.T).masked_fill(~key_mask, -math.inf)
+    return similarity.max(dim=1)

@@ -105,7 +105,7 @@ def test_step_rounds_report_the_median_round_and_every_round(bench, tmp_path: Pa
 def test_step_phase_map_covers_every_lap(bench) -> None:
     bench_step = bench("bench_step")
     mapped = [lap for laps in bench_step.PHASE_MAP.values() for lap in laps]
-    assert sorted(mapped) == sorted(bench_step.FINE_PHASES)
+    assert sorted(mapped) == sorted(bench_step.fine_phases())
 
 
 def test_parts_quick(bench, tmp_path: Path) -> None:
@@ -187,7 +187,7 @@ def test_instrumented_step_matches_train_step(bench) -> None:
     torch.manual_seed(11)
     clock = bench_step.common.PhaseClock()
     bench_step.step(trainers[1], batch, clock)
-    assert list(clock.phases) == list(PHASES) == list(bench_step.FINE_PHASES)
+    assert list(clock.phases) == list(PHASES) == list(bench_step.fine_phases())
     for kind in ("student", "teacher", "criterion", "bank"):
         expected = getattr(trainers[0].modules, kind).state_dict()
         for name, value in getattr(trainers[1].modules, kind).state_dict().items():

@@ -29,35 +29,13 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import TINY_RUN, tiny_config
 from cribo import checkpoint
-from cribo import config as config_lib
 from cribo.cli import main
 from cribo.train import train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# The tiny run of tests/test_train.py as flags: 2-block ViT-Tiny/8 on 32-px views, 4 steps of 4 images per epoch.
-TINY: dict[str, Any] = {
-    "arch": "vit_tiny",
-    "patch_size": 8,
-    "depth": 2,
-    "out_dim": 64,
-    "out_dim_c": 64,
-    "image_size": 32,
-    "scenes_num_images": 16,
-    "scenes_image_size": 48,
-    "num_workers": 0,
-    "n_tokens": 4,
-    "queue_size": 12,
-    "epochs": 2,
-    "batch_size_per_gpu": 4,
-    "warmup_epochs": 1,
-    "warmup_teacher_temp_epochs": 1,
-    "device": "cpu",
-    "precision": "fp32",
-    "log_every": 1,
-    "checkpoint_every": 0,
-    "saveckp_freq": 0,
-}
+TINY = TINY_RUN  # the suite's tiny run, given as flags or overrides
 TIMING_FIELDS = ("images_per_s", "peak_mem_mb")  # the only log fields that may differ between identical runs
 SMALL_EVAL = ["--scenes-train-images", "4", "--scenes-val-images", "2", "--scenes-image-size", "32", "--no-progress"]
 SMALL_VIZ = ["--num-images", "1", "--image-size", "32", "--input-size", "32"]
@@ -68,10 +46,6 @@ INFO_LINE = re.compile(r"\d\d:\d\d:\d\d INFO ")  # cli.setup_logging's format
 def tiny_flags(output_dir: Path, **extra: Any) -> list[str]:
     values = {**TINY, "output_dir": str(output_dir), **extra}
     return [item for key, value in values.items() for item in (f"--{key}", str(value))] + ["--no-progress"]
-
-
-def tiny_config(output_dir: Path, **extra: Any) -> config_lib.TrainConfig:
-    return config_lib.resolve(overrides={**TINY, "output_dir": str(output_dir), **extra})
 
 
 def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:

@@ -2,34 +2,18 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from conftest import load_fixture
+from conftest import dense_nearest_neighbours, load_fixture
 from cribo.matching import cross_image_entries, match_objects
 from cribo.memory import ObjectMemoryBank
 from cribo.search import BankKeys, Screening, normalize_to_bfloat16
 
 SCREENINGS: list[Screening] = ["none", "bf16"]
-
-
-def dense_nearest_neighbours(
-    queries: Tensor, keys: Tensor, key_mask: Tensor | None = None, normalize_keys: bool = True
-) -> tuple[Tensor, Tensor]:
-    """Reference: the full (n, M) float32 similarity matrix, masked, then argmax (first index on ties)."""
-    unit_queries = F.normalize(queries.float(), dim=1)
-    unit_keys = F.normalize(keys.float(), dim=1) if normalize_keys else keys.float()
-    if key_mask is None:
-        key_mask = torch.ones(keys.shape[0], dtype=torch.bool)
-    if not bool(key_mask.any()):
-        return torch.full((queries.shape[0],), -math.inf), torch.full((queries.shape[0],), -1)
-    similarity = (unit_queries @ unit_keys.T).masked_fill(~key_mask, -math.inf)
-    return similarity.max(dim=1)
 
 
 # --------------------------------------------------------------------------- match_objects

@@ -14,39 +14,15 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import conftest
 from cribo import config as config_lib
 from cribo.config import TrainConfig
 from cribo.train import NonFiniteLossError, build_trainer, train
 
 
 def tiny_config(output_dir: Path, **extra: Any) -> TrainConfig:
-    """A seconds-long configuration: 2-block ViT with 8-px patches on 32-px views, 4 steps per epoch."""
-    overrides: dict[str, Any] = {
-        "arch": "vit_tiny",
-        "patch_size": 8,
-        "depth": 2,
-        "out_dim": 64,
-        "out_dim_c": 64,
-        "image_size": 32,
-        "scenes_num_images": 16,
-        "scenes_image_size": 48,
-        "num_workers": 0,
-        "n_tokens": 4,
-        "queue_size": 12,
-        "epochs": 2,
-        "batch_size_per_gpu": 4,
-        "warmup_epochs": 1,
-        "warmup_teacher_temp_epochs": 1,
-        "device": "cpu",
-        "precision": "fp32",
-        "log_every": 1,
-        "checkpoint_every": 0,
-        "saveckp_freq": 0,
-        "drop_path_rate": 0.1,
-        "output_dir": str(output_dir),
-    }
-    overrides.update(extra)
-    return config_lib.resolve(overrides=overrides)
+    """The suite's tiny run (conftest.TINY_RUN) with stochastic depth on, as in pretraining."""
+    return conftest.tiny_config(output_dir, **{"drop_path_rate": 0.1, **extra})
 
 
 def read_log(output_dir: Path) -> list[dict[str, float]]:
