@@ -38,7 +38,7 @@ format: setup
 
 bench: setup
 	PYTHONPATH=src $(PY) benchmarks/bench_parts.py
-	PYTHONPATH=src $(PY) benchmarks/bench_step.py --rounds 3
+	PYTHONPATH=src $(PY) benchmarks/bench_step.py --rounds 3  # side by side with the authors' code when CRIBO_OFFICIAL_DIR is set
 	PYTHONPATH=src $(PY) benchmarks/bench_scaling.py
 	PYTHONPATH=src $(PY) benchmarks/bench_scenes.py
 	PYTHONPATH=src $(PY) benchmarks/bench_regression.py

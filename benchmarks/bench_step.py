@@ -8,11 +8,12 @@ cross-image term is on), random image tensors and random patch positions of the 
 * C: ViT-S/16, 224 px, batch 4, K 32, out_dim = out_dim_c = 65 536
 
 Each configuration runs in its own fresh subprocess (peak RSS is per configuration). The time per step is the
-median of the library's own ``cribo.train.train_step`` after warm-up. The split comes from
-:func:`instrumented_step`, which calls the same library functions in the same order with a timer between them
-(see ``PHASE_MAP`` for how its phases map onto the authors' six phases). The DINO floor (item 3) is the same
-loop with CrIBo's own work removed: both views through teacher and student, the [CLS] head and DINO loss only,
-the optimiser step and the EMA; no clustering, no object head, no bank.
+median of the library's own ``cribo.train.train_step`` after warm-up. The split comes from the
+same library step with its ``lap`` hook (``cribo.step.train_step(..., lap=clock.lap)``), which closes a timed
+phase at each of its phases (see ``PHASE_MAP`` for how they map onto the authors' six phases). The DINO floor
+(item 3) is the same library step with the object-level loss weights at 0, which makes it DINO's: both views
+through teacher and student, the [CLS] head and DINO loss only, the optimiser step and the EMA; no clustering,
+no object head, no bank.
 
 Run ``python benchmarks/bench_step.py`` (full) or ``--quick`` (tiny settings, smoke test). Importing this
 module has no side effects.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import random
 import sys
 import tempfile
@@ -77,11 +79,13 @@ QUICK_SETTINGS: dict[str, StepSetting] = {
 
 @dataclass(frozen=True)
 class AuthorsStep:
-    """The authors' implementation on a 2-core CPU (reference/README.md, "Performance ...")."""
+    """The authors' implementation on a 2-core CPU: measured in this run (``--official``) or quoted."""
 
     seconds: float
     peak_mib: float
-    split: tuple[float, float, float, float, float, float]  # in AUTHOR_PHASES order
+    split: tuple[float, ...]  # in AUTHOR_PHASES order
+    rounds: tuple[float, ...] = ()  # seconds per step of every round, when measured in this run
+    measured: bool = False
 
 
 AUTHOR_PHASES: tuple[str, ...] = (
@@ -92,14 +96,25 @@ AUTHOR_PHASES: tuple[str, ...] = (
     "object heads and loss",
     "optimiser and EMA",
 )
-AUTHORS: dict[str, AuthorsStep] = {
+# Quoted from reference/README.md ("Performance ..."): another run, another day; a labelled secondary column only
+# when the authors' code is measured in the same run (--official).
+QUOTED_AUTHORS: dict[str, AuthorsStep] = {
     "A": AuthorsStep(5.40, 4291, (0.28, 0.91, 1.34, 0.17, 2.62, 0.21)),
     "B": AuthorsStep(0.75, 1623, (0.10, 0.03, 0.36, 0.07, 0.12, 0.06)),
     "C": AuthorsStep(3.57, 4210, (0.43, 0.33, 1.59, 0.27, 0.67, 0.19)),
 }
+# The harness's phases (shared/refharness/bench.py, breakdown_median_s) in AUTHOR_PHASES order.
+HARNESS_PHASES: tuple[str, ...] = (
+    "teacher backbone forward",
+    "clustering (compute_teacher_centroids)",
+    "student forward+backward",
+    "get_nn_centroids",
+    "heads+loss",
+    "optimizer+EMA",
+)
 SPEED_GOALS: dict[str, float] = {"A": 2.0, "B": 1.2, "C": 1.5}  # required authors/ours time ratio
 
-# Our fine phases (names laps of instrumented_step / instrumented_dino_step) -> the authors' six phases.
+# Our fine phases (the laps of cribo.step.train_step, cribo.step.PHASES) -> the authors' six phases.
 PHASE_MAP: dict[str, tuple[str, ...]] = {
     "teacher forward": ("teacher_backbone",),
     "clustering": ("clustering",),
@@ -108,35 +123,20 @@ PHASE_MAP: dict[str, tuple[str, ...]] = {
     "object heads and loss": ("teacher_head_mlp", "teacher_targets", "student_head_mlp", "loss", "heads_loss_backward"),
     "optimiser and EMA": ("optimiser", "ema"),
 }
-FINE_PHASES: tuple[str, ...] = (
-    "teacher_backbone",
-    "clustering",
-    "bank_search",
-    "teacher_head_mlp",
-    "teacher_targets",
-    "student_backbone_forward",
-    "student_head_mlp",
-    "loss",
-    "heads_loss_backward",
-    "student_backbone_backward",
-    "optimiser",
-    "ema",
-    "bank_push",
-)
 PHASE_NOTES: dict[str, str] = {
     "teacher_backbone": "teacher ViT forward (no grad)",
     "clustering": "joint_space_clustering + valid_objects + pool_objects + select_valid",
     "bank_search": "match_objects: NN search of both views + cycle check (before the push)",
     "teacher_head_mlp": "teacher head MLP on [CLS], objects and the cycle-consistent neighbours",
-    "teacher_targets": "CrIBoLoss.targets: fused teacher last layers + sharpening (3 targets), centre updates",
+    "teacher_targets": "TargetBuilder: fused teacher last layers + sharpening (3 targets), centre updates",
     "student_backbone_forward": "student ViT forward (drop-path 0.1)",
     "student_head_mlp": "student object pooling + head MLP on [CLS] and objects",
     "loss": "student_terms: fused student last layers + the 3 cross-entropies (forward)",
-    "heads_loss_backward": "backward from the loss to the student tokens (heads + loss)",
+    "heads_loss_backward": "backward from the loss to the student tokens (heads + loss; a gradient hook laps)",
     "student_backbone_backward": "backward through the student ViT",
     "optimiser": "AdamW step (+ last-layer freeze / clipping when on)",
     "ema": "ema_update (foreach lerp)",
-    "bank_push": "ObjectMemoryBank.push",
+    "bank_push": "ObjectMemoryBank.push + BankKeys.update",
 }
 
 
@@ -146,7 +146,8 @@ PHASE_NOTES: dict[str, str] = {
 def train_config(
     setting: StepSetting, device: str, threads: int, dino: bool = False, keep_freed_memory: bool = True
 ) -> Any:
-    """The TrainConfig of a setting; ``dino`` strips the object head, the clustering and the bank to size one."""
+    """The TrainConfig of a setting; ``dino`` turns the object-level terms off (their weights 0: the step skips
+    clustering, matching, the object heads and the bank) and shrinks the unused object head and bank to size one."""
     from cribo import config as config_lib
 
     overrides: dict[str, Any] = {
@@ -159,6 +160,8 @@ def train_config(
         "out_dim": setting.out_dim,
         "out_dim_c": 1 if dino else setting.out_dim,
         "queue_size": 1 if dino else setting.bank,
+        "weight_object": 0.0 if dino else 1.0,
+        "weight_cross_image": 0.0 if dino else 1.0,
         "drop_path_rate": DROP_PATH_RATE,
         "device": device,
         "precision": setting.precision,
@@ -209,7 +212,7 @@ def random_batch(setting: StepSetting, seed: int = 0) -> Any:
     """A collated batch of random normalised images (B, V, 3, S, S) and random positions (B, V, N, 2)."""
     import torch
 
-    from cribo.train import Batch
+    from cribo.data.pretrain import Batch
 
     generator = torch.Generator().manual_seed(seed)
     size = setting.image_size
@@ -221,170 +224,29 @@ def random_batch(setting: StepSetting, seed: int = 0) -> Any:
 # ------------------------------------------------------------------------------------------------ steps
 
 
-def _step_inputs(trainer: Any, batch: Any) -> tuple[Any, Any, Any]:
-    """Schedule values written into the optimiser, (2B,3,S,S) view-major images and (B,V,N,2) positions."""
-    from cribo.train import set_optimizer_values, step_values
+def step(trainer: Any, batch: Any, clock: common.PhaseClock | None = None) -> dict[str, float]:
+    """The library's ``cribo.step.train_step`` at the trainer's position; with a clock, a lap after each phase.
 
-    values = step_values(trainer)
-    set_optimizer_values(trainer.optimizer, values)
-    images = batch.images.to(trainer.device, non_blocking=True).transpose(0, 1).flatten(0, 1)
-    return values, images, batch.positions.to(trainer.device, non_blocking=True)
-
-
-def _teacher_phases(trainer: Any, images: Any, positions: Any, values: Any, clock: common.PhaseClock) -> Any:
-    """``cribo.train.teacher_side``, the same calls in the same order, with laps between them."""
-    import torch
-
-    from cribo.matching import match_objects
-    from cribo.train import TeacherOutput, autocast, split_tokens, teacher_objects, teacher_targets, used_neighbours
-
-    with torch.no_grad():
-        with autocast(trainer):
-            tokens = trainer.teacher(images)
-        cls, patches = split_tokens(tokens.float(), positions.shape[0])
-        clock.lap("teacher_backbone")
-        assignment, valid, objects, per_image = teacher_objects(trainer, patches, positions, values)
-        clock.lap("clustering")
-        matches = match_objects(objects, trainer.bank, chunk_size=trainer.config.method.bank_chunk_size)
-        clock.lap("bank_search")
-        head = trainer.teacher.head
-        neighbours = used_neighbours(trainer, matches, values)
-        with autocast(trainer):
-            features = head.bottlenecks(cls, objects.transpose(0, 1).flatten(0, 1), neighbours)
-        clock.lap("teacher_head_mlp")
-        targets = teacher_targets(trainer, features, matches.cycle_mask, values)
-        clock.lap("teacher_targets")
-    return TeacherOutput(
-        targets=targets,
-        assignment=assignment,
-        valid=valid,
-        objects=objects,
-        objects_per_image=per_image,
-        cycle_mask=matches.cycle_mask,
-    )
-
-
-def _split_backward(trainer: Any, loss: Any, tokens: Any, leaf: Any, values: Any, clock: common.PhaseClock) -> None:
-    """``cribo.train.optimiser_step`` with its backward cut in two at the student's tokens (same gradients)."""
-    from cribo.train import apply_gradients
-
-    trainer.optimizer.zero_grad(set_to_none=True)
-    trainer.scaler.scale(loss).backward()
-    clock.lap("heads_loss_backward")
-    tokens.backward(leaf.grad)
-    clock.lap("student_backbone_backward")
-    apply_gradients(trainer, values)
-    clock.lap("optimiser")
-
-
-def _student_phases(trainer: Any, images: Any, teacher: Any, values: Any, clock: common.PhaseClock) -> Any:
-    """``StudentStep.forward`` unrolled with laps, the backbone's tokens detached into a leaf (see below)."""
-    from cribo.losses import student_terms
-    from cribo.train import autocast, compute_dtype, student_features, weighted_loss
-
-    network = trainer.student
-    with autocast(trainer):
-        tokens = network(images)
-    clock.lap("student_backbone_forward")
-    leaf = tokens.detach().requires_grad_()
-    with autocast(trainer):
-        features = student_features(network, leaf, teacher.assignment, teacher.valid)
-    clock.lap("student_head_mlp")
-    criterion = trainer.criterion
-    with autocast(trainer):
-        terms = student_terms(
-            *features,
-            *network.head.last_layer_parameters(),
-            teacher.targets,
-            criterion.student_temp,
-            criterion.student_temp_c,
-            compute_dtype=compute_dtype(trainer),
-        )
-    loss = weighted_loss(terms, trainer.config)
-    clock.lap("loss")
-    return tokens, leaf, loss
-
-
-def instrumented_step(trainer: Any, batch: Any, clock: common.PhaseClock) -> dict[str, float]:
-    """One ``train_step`` with a lap after each phase; returns per-step counts (objects, cycle-consistent).
-
-    The student's ``StudentStep.forward`` (backbone, split, pooling, head MLP, fused last layers + loss) is
-    unrolled: the backbone's tokens are detached into a leaf so that the backward can be timed in two parts,
-    heads + loss and backbone; the gradients are the same as with the single backward.
+    Returns per-step counts (objects, cycle-consistent matches). The DINO floor is the same step on a trainer
+    built with ``dino=True`` (object-level loss weights 0: no clustering, matching, object heads or bank push).
     """
-    from cribo import distributed
-    from cribo.teacher import ema_update
+    from cribo.step import train_step
 
-    clock.start()
-    values, images, positions = _step_inputs(trainer, batch)
-    teacher = _teacher_phases(trainer, images, positions, values, clock)
-    tokens, leaf, loss = _student_phases(trainer, images, teacher, values, clock)
-    _split_backward(trainer, loss, tokens, leaf, values, clock)
-    ema_update(trainer.teacher, trainer.student, values.momentum)
-    clock.lap("ema")
-    trainer.bank.push(
-        distributed.all_gather_ragged(teacher.objects), distributed.all_gather_ragged(teacher.objects_per_image)
-    )
-    clock.lap("bank_push")
-    return {
-        "objects": float(teacher.objects.shape[0]),
-        "cycle_consistent": float(teacher.cycle_mask.sum()),
-    }
-
-
-def dino_step(trainer: Any, batch: Any, clock: common.PhaseClock | None = None) -> None:
-    """The DINO floor: two views through teacher and student, [CLS] head + DINO loss, optimiser, EMA.
-
-    The library's own path with no objects: the teacher's [CLS] bottleneck, ``CrIBoLoss.targets`` (global target
-    and centre update; the object and neighbour targets are empty), the student's [CLS] bottleneck,
-    ``student_terms`` (the fused [CLS] cross-entropy; the empty object terms are exact zeros), ``optimiser_step``
-    and ``ema_update``. With a clock, the backward is cut at the tokens as in :func:`instrumented_step`.
-    """
-    import torch
-
-    from cribo.losses import student_terms
-    from cribo.teacher import ema_update
-    from cribo.train import autocast, compute_dtype, optimiser_step, teacher_targets
-
-    lap = clock.lap if clock is not None else (lambda name: None)
     if clock is not None:
         clock.start()
-    values, images, _ = _step_inputs(trainer, batch)
-    dtype = compute_dtype(trainer)
-    head, student_head = trainer.teacher.head, trainer.student.head
-    with torch.no_grad():
-        with autocast(trainer):
-            teacher_cls = trainer.teacher(images)[:, 0]
-        lap("teacher_backbone")
-        with autocast(trainer):
-            features = head.bottleneck(teacher_cls)
-        none = features[:0]
-        no_objects = torch.zeros(2, 0, dtype=torch.bool, device=features.device)
-        targets = teacher_targets(trainer, (features, none, none), no_objects, values)
-        lap("teacher_targets")
-    with autocast(trainer):
-        tokens = trainer.student(images)
-    lap("student_backbone_forward")
-    leaf = tokens.detach().requires_grad_() if clock is not None else tokens
-    with autocast(trainer):
-        student_features = student_head.bottleneck(leaf[:, 0])
-        lap("student_head_mlp")
-        loss = student_terms(
-            student_features,
-            student_features[:0],
-            *student_head.last_layer_parameters(),
-            targets,
-            trainer.criterion.student_temp,
-            trainer.criterion.student_temp_c,
-            compute_dtype=dtype,
-        )["global"]
-    lap("loss")
-    if clock is not None:
-        _split_backward(trainer, loss, tokens, leaf, values, clock)
-    else:
-        optimiser_step(trainer, loss, values)
-    ema_update(trainer.teacher, trainer.student, values.momentum)
-    lap("ema")
+    output = train_step(
+        trainer.modules,
+        trainer.settings,
+        batch,
+        trainer.values(),
+        lap=clock.lap if clock is not None else None,
+        inspect=True,
+    )
+    assert output.teacher is not None
+    return {
+        "objects": float(output.teacher.objects.shape[0]),
+        "cycle_consistent": float(output.teacher.matches.cycle_mask.sum()),
+    }
 
 
 # ------------------------------------------------------------------------------------------------ worker
@@ -395,8 +257,6 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     common.set_threads(job["threads"])
     glibc_default = bool(job.get("glibc_default"))
     import torch
-
-    from cribo.train import train_step
 
     setting = StepSetting(**job["setting"])
     dino = job["kind"] == "dino"
@@ -414,10 +274,7 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
             torch.cuda.reset_peak_memory_stats(trainer.device)
 
         def plain() -> None:
-            if dino:
-                dino_step(trainer, batch)
-            else:
-                train_step(trainer, batch)
+            step(trainer, batch)
 
         for _ in range(job["warmup"]):
             plain()
@@ -453,11 +310,7 @@ def _measure_split(trainer: Any, batch: Any, job: dict[str, Any], dino: bool, sy
     clock = common.PhaseClock(sync=sync)
     runs, counts = [], []
     for index in range(job["repeat"] + 1):
-        if dino:
-            dino_step(trainer, batch, clock)
-            count: dict[str, float] = {}
-        else:
-            count = instrumented_step(trainer, batch, clock)
+        count = step(trainer, batch, clock)
         if index:
             runs.append(dict(clock.phases))
             counts.append(count)
@@ -472,6 +325,32 @@ def _measure_split(trainer: Any, batch: Any, job: dict[str, Any], dino: bool, sy
 def run_job(job: dict[str, Any], in_process: bool) -> dict[str, Any]:
     """Measure a job in this process or in a fresh worker subprocess."""
     return measure(job) if in_process else common.run_worker(SCRIPT, job)
+
+
+def official_step(name: str, args: Any) -> dict[str, Any]:
+    """The authors' step of configuration ``name`` (same warm-up and measured steps as ours)."""
+    what = ["step", "--config", name, "--iters", str(args.repeat), "--warmup", str(args.warmup)]
+    raw = common.run_official(what, args.official, args.threads)
+    breakdown = raw["breakdown_median_s"]
+    return {
+        "seconds": float(raw["median_s"]),
+        "peak_rss_mib": float(raw["peak_rss_MB"]),
+        "split": [float(breakdown[phase]) for phase in HARNESS_PHASES],
+        "user_s": float(raw["cpu_user_s_per_iter"]),
+        "system_s": float(raw["cpu_sys_s_per_iter"]),
+    }
+
+
+def measured_authors(rounds: Sequence[dict[str, Any]]) -> AuthorsStep:
+    """The authors' figures of this run: the median round's split and peak RSS, every round's seconds."""
+    middle = median_round(rounds)
+    return AuthorsStep(
+        seconds=middle["seconds"],
+        peak_mib=middle["peak_rss_mib"],
+        split=tuple(middle["split"]),
+        rounds=tuple(res["seconds"] for res in rounds),
+        measured=True,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ FLOP account
@@ -517,7 +396,9 @@ def flop_account(setting: StepSetting, objects: float, neighbours: float) -> dic
 DINO_FLOP_ITEMS = ("teacher backbone", "student backbone (fwd+bwd)", "[CLS] heads (teacher + student fwd+bwd)")
 
 
-def compute_bound(cribo: dict[str, dict[str, Any]], dino: dict[str, dict[str, Any]]) -> list[str]:
+def compute_bound(
+    cribo: dict[str, dict[str, Any]], dino: dict[str, dict[str, Any]], authors: dict[str, AuthorsStep]
+) -> list[str]:
     """How close each step runs to this machine's matrix-product rate, and what the speed goal would need."""
     settings = SETTINGS | QUICK_SETTINGS
     rows, notes = [], []
@@ -526,7 +407,7 @@ def compute_bound(cribo: dict[str, dict[str, Any]], dino: dict[str, dict[str, An
         total, floor_total = sum(account.values()), sum(account[item] for item in DINO_FLOP_ITEMS)
         rate = common.median([cribo[name]["gemm_gflops"], dino[name]["gemm_gflops"]])
         ours, floor = total / cribo[name]["seconds"], floor_total / dino[name]["seconds"]
-        goal = AUTHORS[name].seconds / SPEED_GOALS[name] if name in SPEED_GOALS else math.nan
+        goal = authors[name].seconds / SPEED_GOALS[name] if name in SPEED_GOALS and name in authors else math.nan
         needed = total / goal
         rows.append(
             [
@@ -540,7 +421,7 @@ def compute_bound(cribo: dict[str, dict[str, Any]], dino: dict[str, dict[str, An
                 f"{floor:.0f} ({100 * floor / rate:.0f} %)",
             ]
         )
-        if name in SPEED_GOALS:
+        if name in SPEED_GOALS and name in authors:
             notes.append(
                 f"{name}: the goal needs {100 * needed / rate:.0f} % of the matrix-product rate sustained over the "
                 f"whole step; the plain DINO step reaches {100 * floor / rate:.0f} %, CrIBo {100 * ours / rate:.0f} %"
@@ -570,6 +451,13 @@ def compute_bound(cribo: dict[str, dict[str, Any]], dino: dict[str, dict[str, An
 # ------------------------------------------------------------------------------------------------ report
 
 
+def fine_phases() -> tuple[str, ...]:
+    """The laps of the library's step, in order (``cribo.step.PHASES``; imported on use, as torch is)."""
+    from cribo.step import PHASES
+
+    return PHASES
+
+
 def author_phase_seconds(phases: dict[str, float]) -> dict[str, float]:
     """Our fine phases summed into the authors' six phases."""
     return {name: sum(phases.get(p, 0.0) for p in parts) for name, parts in PHASE_MAP.items()}
@@ -579,64 +467,76 @@ def _mark(ok: bool) -> str:
     return "**pass**" if ok else "**FAIL**"
 
 
-def summary_table(results: dict[str, dict[str, Any]]) -> str:
-    """Ours vs the authors: s/step, images/s, peak RSS, ratios and goals."""
+def round_ratios(authors: AuthorsStep, ours: Sequence[float]) -> list[float]:
+    """authors / ours per round: the same round's figures when the authors' code was measured in this run, else the
+    quoted figure over each of our rounds."""
+    theirs = authors.rounds if authors.measured else (authors.seconds,) * len(ours)
+    return [their / our for their, our in zip(theirs, ours, strict=True)]
+
+
+def summary_table(results: dict[str, dict[str, Any]], authors: dict[str, AuthorsStep]) -> str:
+    """Ours vs the authors: s/step, images/s, peak RSS, ratios (per round) and goals."""
     rows = []
+    measured = any(step.measured for step in authors.values())
     for name, res in results.items():
         setting = (SETTINGS | QUICK_SETTINGS)[name]
         ours = res["seconds"]
-        authors = AUTHORS.get(name)
-        ratio = authors.seconds / ours if authors else math.nan
-        goal = SPEED_GOALS.get(name)
-        speed_ok = _mark(ratio >= goal) if goal else "–"
         spread = res.get("round_seconds", [ours])
-        if goal and authors and len(spread) > 1:
-            met = sum(authors.seconds / seconds >= goal for seconds in spread)
-            speed_ok += f" (met in {met} of {len(spread)} rounds)"
-        mem_ok = _mark(res["peak_rss_mib"] < authors.peak_mib) if authors else "–"
-        rows.append(
-            [
-                name,
-                setting.describe(),
-                common.fmt(ours, 3),
-                " / ".join(common.fmt(seconds, 3) for seconds in spread),
-                common.fmt(setting.batch / ours, 1),
-                common.fmt(authors.seconds if authors else math.nan),
-                common.fmt(ratio) + "×",
-                f"≥ {goal}× {speed_ok}" if goal else "–",
-                common.fmt(res["peak_rss_mib"], 0),
-                common.fmt(authors.peak_mib if authors else math.nan, 0),
-                f"< {authors.peak_mib} {mem_ok}" if authors else "–",
-            ]
-        )
+        theirs = authors.get(name)
+        ratios = round_ratios(theirs, spread) if theirs else []
+        ratio = common.median(ratios) if ratios else math.nan
+        goal = SPEED_GOALS.get(name)
+        speed_ok = _mark(ratio >= goal) if goal and ratios else "–"
+        if goal and ratios and len(ratios) > 1:
+            speed_ok += f" (met in {sum(r >= goal for r in ratios)} of {len(ratios)} rounds)"
+        row = [
+            name,
+            setting.describe(),
+            " / ".join(common.fmt(seconds, 3) for seconds in spread),
+            common.fmt(setting.batch / ours, 1),
+            " / ".join(common.fmt(seconds, 3) for seconds in theirs.rounds) if theirs and theirs.measured else "–",
+            common.fmt(ratio) + "×" + (f" ({' / '.join(common.fmt(r) for r in ratios)})" if len(ratios) > 1 else ""),
+            f"≥ {goal}× {speed_ok}" if goal else "–",
+            common.fmt(res["peak_rss_mib"], 0),
+            common.fmt(theirs.peak_mib if theirs else math.nan, 0),
+            f"< authors {_mark(res['peak_rss_mib'] < theirs.peak_mib)}" if theirs else "–",
+        ]
+        if measured:
+            quoted = QUOTED_AUTHORS.get(name)
+            row.append(common.fmt(quoted.seconds, 2) if quoted else "–")
+        rows.append(row)
+    speed = "speed-up, authors / ours (same round: median, every round)" if measured else "speed-up (quoted / ours)"
     headers = [
         "config",
         "setting",
-        "s / step (ours)",
-        "every round, s / step",
-        "images / s",
-        "s / step (authors)",
-        "speed-up (authors / ours)",
+        "ours, s / step (every round)",
+        "images / s (median round)",
+        "authors, s / step, this run (every round)",
+        speed,
         "speed goal",
         "peak RSS MiB (ours)",
-        "peak RSS MiB (authors)",
+        "peak RSS MiB (authors" + (", this run)" if measured else ", quoted)"),
         "memory goal",
-    ]
+    ] + (["authors, quoted s / step (another run, reference/README.md)"] if measured else [])
     return common.markdown_table(headers, rows)
 
 
-def split_table(results: dict[str, dict[str, Any]]) -> str:
-    """The authors' six phases: ours beside theirs, per configuration."""
+def split_table(results: dict[str, dict[str, Any]], authors: dict[str, AuthorsStep]) -> str:
+    """The authors' six phases: ours beside theirs, per configuration (side by side: theirs / ours)."""
     names = list(results)
-    headers = ["phase"] + [f"{n} ours" for n in names] + [f"{n} authors" for n in names if n in AUTHORS]
+    theirs = [n for n in names if n in authors]
+    headers = ["phase"] + [f"{n} ours" for n in names] + [f"{n} authors" for n in theirs]
+    headers += [f"{n} authors / ours" for n in theirs]
     ours = {n: author_phase_seconds(results[n]["phases"]) for n in names}
     rows = []
     for index, phase in enumerate(AUTHOR_PHASES):
         row = [phase] + [common.fmt(ours[n][phase], 3) for n in names]
-        row += [common.fmt(AUTHORS[n].split[index]) for n in names if n in AUTHORS]
+        row += [common.fmt(authors[n].split[index], 3) for n in theirs]
+        row += [common.fmt(authors[n].split[index] / ours[n][phase]) + "×" if ours[n][phase] else "–" for n in theirs]
         rows.append(row)
     total = ["sum of phases"] + [common.fmt(results[n]["instrumented_seconds"], 3) for n in names]
-    total += [common.fmt(sum(AUTHORS[n].split)) for n in names if n in AUTHORS]
+    total += [common.fmt(sum(authors[n].split), 3) for n in theirs]
+    total += [common.fmt(sum(authors[n].split) / results[n]["instrumented_seconds"]) + "×" for n in theirs]
     rows.append(total)
     return common.markdown_table(headers, rows)
 
@@ -647,7 +547,7 @@ def fine_table(results: dict[str, dict[str, Any]]) -> str:
     headers = ["lap", "what", *names]
     rows = [
         [phase, PHASE_NOTES[phase]] + [common.fmt(results[n]["phases"].get(phase, math.nan), 4) for n in names]
-        for phase in FINE_PHASES
+        for phase in fine_phases()
     ]
     rows.append(["objects n", "valid objects per step (median)"] + [f"{results[n]['objects']:.0f}" for n in names])
     rows.append(
@@ -656,23 +556,46 @@ def fine_table(results: dict[str, dict[str, Any]]) -> str:
     return common.markdown_table(headers, rows)
 
 
-def floor_tables(cribo: dict[str, dict[str, Any]], dino: dict[str, dict[str, Any]]) -> list[str]:
-    """CrIBo vs the DINO floor: totals, per-phase difference, and a FLOP account."""
+def floor_tables(
+    cribo: dict[str, dict[str, Any]], dino: dict[str, dict[str, Any]], authors: dict[str, AuthorsStep]
+) -> list[str]:
+    """CrIBo vs the DINO floor: totals (and the floor against the authors' whole step), per-phase difference, and a
+    FLOP account."""
     names = list(cribo)
     settings = SETTINGS | QUICK_SETTINGS
-    rows = [
-        [
-            n,
-            common.fmt(cribo[n]["seconds"], 3),
-            common.fmt(dino[n]["seconds"], 3),
-            common.fmt(cribo[n]["seconds"] / dino[n]["seconds"]) + "×",
-            common.fmt(cribo[n]["peak_rss_mib"], 0),
-            common.fmt(dino[n]["peak_rss_mib"], 0),
-        ]
-        for n in names
-    ]
+    rows = []
+    for n in names:
+        floor_rounds = dino[n].get("round_seconds", [dino[n]["seconds"]])
+        theirs = authors.get(n)
+        floor_ratios = round_ratios(theirs, floor_rounds) if theirs else []
+        share = (
+            f"{common.fmt(common.median(floor_ratios))}× ({' / '.join(common.fmt(r) for r in floor_ratios)})"
+            if floor_ratios
+            else "–"
+        )
+        rows.append(
+            [
+                n,
+                common.fmt(cribo[n]["seconds"], 3),
+                common.fmt(dino[n]["seconds"], 3),
+                common.fmt(cribo[n]["seconds"] / dino[n]["seconds"]) + "×",
+                share,
+                f"≥ {SPEED_GOALS[n]}×" if n in SPEED_GOALS else "–",
+                common.fmt(cribo[n]["peak_rss_mib"], 0),
+                common.fmt(dino[n]["peak_rss_mib"], 0),
+            ]
+        )
     totals = common.markdown_table(
-        ["config", "CrIBo s / step", "DINO floor s / step", "CrIBo / DINO", "CrIBo peak RSS MiB", "DINO peak RSS MiB"],
+        [
+            "config",
+            "CrIBo s / step",
+            "DINO floor s / step",
+            "CrIBo / DINO",
+            "authors' whole step / our DINO floor (every round)",
+            "the speed goal CrIBo must reach",
+            "CrIBo peak RSS MiB",
+            "DINO peak RSS MiB",
+        ],
         rows,
     )
     diff_rows = []
@@ -690,27 +613,35 @@ def floor_tables(cribo: dict[str, dict[str, Any]], dino: dict[str, dict[str, Any
     return [totals, diffs, flops]
 
 
-def _intro(quick: bool, in_process: bool) -> list[str]:
+def _intro(quick: bool, in_process: bool, measured: bool) -> list[str]:
     where = "all in this process (--in-process)" if in_process else "each in its own fresh subprocess"
+    authors = (
+        "The authors' code (unmodified, imported from a scratch folder by `shared/refharness/bench.py`, never "
+        "copied) runs in the same rounds, interleaved with ours, each in its own fresh process with the same "
+        "threads, warm-up and measured steps: every ratio is authors / ours from the same round. The figures "
+        "quoted in reference/README.md (another run, another day) appear only in a labelled column."
+        if measured
+        else "The authors' numbers are quoted from another run (their code, unmodified) on a machine of the same "
+        "kind (2 cores), reference/README.md; these machines vary by about 3x from day to day, so ratios against "
+        "them are indicative only: run with `--official DIR` to measure both side by side."
+    )
     return [
-        "One optimisation step of `cribo.train.train_step` on random image tensors and random patch positions "
+        "One optimisation step of `cribo.step.train_step` on random image tensors and random patch positions "
         f"(no data loading), epoch 1 (cross-image term on), drop-path 0.1, fp32; the configurations and the DINO "
         f"floor {where}. *s / step* is the median of the measured steps after warm-up; "
         "*peak RSS* is the whole process's peak resident set (Python + torch included), as in the authors' "
-        "figures. The authors' numbers come from another run (their code, unmodified) on a machine of the same "
-        "kind (2 cores), reference/README.md; runs vary by about ±10 %."
-        + (" **Quick mode: tiny settings, not comparable.**" if quick else ""),
+        "figures. " + authors + (" **Quick mode: tiny settings, not comparable.**" if quick else ""),
     ]
 
 
 def _split_notes() -> str:
     return (
-        "How the split is taken: `instrumented_step` calls the same library functions as `train_step` in the "
-        "same order (`teacher_side`'s body, then `StudentStep.forward`'s body, the body of `optimiser_step`, "
-        "`ema_update`, `ObjectMemoryBank.push`) with a timer between them. The backward is cut at the student's "
-        "tokens (detached leaf): *heads + loss backward* and *backbone backward* are timed apart; the gradients "
-        "are the same. The heads' last layers are fused with the losses (`cribo.fused`), so the [CLS] and object "
-        "heads cannot be timed apart. Mapping to the authors' phases: teacher forward = teacher backbone; "
+        "How the split is taken: the library's own `cribo.step.train_step` with its `lap` hook, which closes a "
+        "timed phase at the end of each of its phases. The backward is one call; a gradient hook on the student's "
+        "tokens laps when the heads' and losses' backward reaches them, so *heads + loss backward* and *backbone "
+        "backward* are timed apart without changing the step. The heads' last layers are fused with the losses "
+        "(`cribo.fused`), so the [CLS] and object heads cannot be timed apart. Mapping to the authors' phases: "
+        "teacher forward = teacher backbone; "
         "clustering = clustering + object pooling; student forward + backward = student backbone forward + "
         "backward; bank search and update = `match_objects` + `push`; object heads and loss = both heads of "
         "teacher and student (MLP and fused last layers, [CLS] included) + the losses + their backward; optimiser "
@@ -720,11 +651,14 @@ def _split_notes() -> str:
     )
 
 
-def report(args: Any, runs: dict[str, dict[str, dict[str, Any]]], argv: Sequence[str]) -> Path:
+def report(
+    args: Any, runs: dict[str, dict[str, dict[str, Any]]], authors: dict[str, AuthorsStep], argv: Sequence[str]
+) -> Path:
     """Write benchmarks/results/bench_step.md."""
     cribo, dino = runs["cribo"], runs["dino"]
+    measured = any(step.measured for step in authors.values())
     body = [
-        *_intro(args.quick, args.in_process),
+        *_intro(args.quick, args.in_process, measured),
         f"Warm-up steps: {args.warmup}; measured steps: {args.repeat} (each for the plain and the instrumented step)"
         + (
             f"; {args.rounds} interleaved rounds (every configuration and kind once per round, each in a fresh "
@@ -733,26 +667,30 @@ def report(args: Any, runs: dict[str, dict[str, dict[str, Any]]], argv: Sequence
             else "."
         ),
         "### Ours vs the authors' implementation",
-        summary_table(cribo),
+        summary_table(cribo, authors),
         "### Split of one step (seconds), the authors' six phases",
-        split_table(cribo),
+        split_table(cribo, authors),
         _split_notes(),
         "### Every lap of the instrumented step (seconds)",
         fine_table(cribo),
         "### The floor: a plain two-view DINO step (item 3)",
-        "Same backbone, same [CLS] head (`out_dim`), same optimiser and EMA, both views through teacher and "
-        "student; no clustering, no object head (`out_dim_c` = 1), no bank.",
-        *floor_tables(cribo, dino),
-        _floor_notes(cribo, dino),
-        *compute_bound(cribo, dino),
-        *malloc_section(cribo, runs["cribo_malloc"]),
+        "The library's own step with the object-level loss weights at 0 (`--weight_object 0 --weight_cross_image "
+        "0`), which makes it DINO's: same backbone, same [CLS] head (`out_dim`), same optimiser and EMA, both views "
+        "through teacher and student; no clustering, no object head, no bank. If the authors' whole step is less "
+        "than the speed goal times this floor, no CrIBo step on top of this backbone can meet the goal.",
+        *floor_tables(cribo, dino, authors),
+        _floor_notes(cribo, dino, authors),
+        *compute_bound(cribo, dino, authors),
+        *malloc_section(cribo, runs["cribo_malloc"], authors),
     ]
     command = common.command_line(SCRIPT.name, argv)
     folder = common.output_dir(args)
     return common.write_section(folder, "bench_step", "One training step (CPU)", command, args.info, body, args.loads)
 
 
-def malloc_section(cribo: dict[str, dict[str, Any]], kept: dict[str, dict[str, Any]]) -> list[str]:
+def malloc_section(
+    cribo: dict[str, dict[str, Any]], kept: dict[str, dict[str, Any]], authors: dict[str, AuthorsStep]
+) -> list[str]:
     """CPU time split (user / system), page faults, and the same step with glibc's default allocator settings."""
     rows = []
     for name, res in cribo.items():
@@ -764,12 +702,12 @@ def malloc_section(cribo: dict[str, dict[str, Any]], kept: dict[str, dict[str, A
         ]
         if name in kept:
             alt = kept[name]
-            authors = AUTHORS.get(name)
+            theirs = authors.get(name)
             row += [
                 common.fmt(alt["seconds"], 3),
                 f"{alt['user_s']:.2f} / {alt['system_s']:.2f}",
                 f"{alt['minor_faults'] / 1e3:.0f} k",
-                common.fmt(authors.seconds / alt["seconds"]) + "×" if authors else "–",
+                common.fmt(theirs.seconds / alt["seconds"]) + "×" if theirs else "–",
                 f"{res['peak_rss_mib']:.0f} / {alt['peak_rss_mib']:.0f}",
             ]
         else:
@@ -800,7 +738,9 @@ def malloc_section(cribo: dict[str, dict[str, Any]], kept: dict[str, dict[str, A
     ]
 
 
-def _floor_notes(cribo: dict[str, dict[str, Any]], dino: dict[str, dict[str, Any]]) -> str:
+def _floor_notes(
+    cribo: dict[str, dict[str, Any]], dino: dict[str, dict[str, Any]], authors: dict[str, AuthorsStep]
+) -> str:
     parts = []
     for name in cribo:
         ours = author_phase_seconds(cribo[name]["phases"])
@@ -816,8 +756,8 @@ def _floor_notes(cribo: dict[str, dict[str, Any]], dino: dict[str, dict[str, Any
         )
     budget = []
     for name in cribo:
-        if name in SPEED_GOALS:
-            allowed = AUTHORS[name].seconds / SPEED_GOALS[name]
+        if name in SPEED_GOALS and name in authors:
+            allowed = authors[name].seconds / SPEED_GOALS[name]
             floor_s = dino[name]["seconds"]
             budget.append(
                 f"{name}: the goal allows {allowed:.2f} s per step, the DINO floor alone takes {floor_s:.2f} s "
@@ -831,6 +771,39 @@ def _floor_notes(cribo: dict[str, dict[str, Any]], dino: dict[str, dict[str, Any
 
 
 # ------------------------------------------------------------------------------------------------ main
+
+
+def measure_kind(
+    kind: str,
+    name: str,
+    index: int,
+    args: Any,
+    pool: dict[str, StepSetting],
+    rounds: dict[str, dict[str, list[dict[str, Any]]]],
+    official: dict[str, list[dict[str, Any]]],
+) -> None:
+    """One measurement of one round: ours (``cribo``, ``dino``, ``cribo_malloc``) or the authors' step."""
+    if kind == "authors":
+        res = official_step(name, args)
+        official[name].append(res)
+        args.loads.append(common.load_1min())
+        print(
+            f"round {index + 1}/{args.rounds} {name} {kind:12s}: {res['seconds']:.3f} s/step, "
+            f"peak RSS {res['peak_rss_mib']:.0f} MiB",
+            flush=True,
+        )
+        return
+    base = {"setting": dataclasses.asdict(pool[name]), "device": args.device, "threads": args.threads}
+    job = base | {"warmup": args.warmup, "repeat": args.repeat, "kind": kind.split("_")[0]}
+    res = run_job(job | {"glibc_default": kind.endswith("malloc")}, args.in_process)
+    rounds[kind][name].append(res)
+    args.loads.append(common.load_1min())
+    print(
+        f"round {index + 1}/{args.rounds} {name} {kind:12s}: {res['seconds']:.3f} s/step "
+        f"({pool[name].batch / res['seconds']:.1f} img/s), peak RSS {res['peak_rss_mib']:.0f} MiB, "
+        f"system {res['system_s']:.2f} s/step, split sum {res['instrumented_seconds']:.3f} s",
+        flush=True,
+    )
 
 
 def median_round(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -853,6 +826,13 @@ def parse_args(argv: Sequence[str]) -> Any:
         default=1,
         help="repeat every measurement in this many interleaved rounds (fresh workers each) and report the "
         "median round with the spread (default 1)",
+    )
+    parser.add_argument(
+        "--official",
+        type=Path,
+        default=os.environ.get("CRIBO_OFFICIAL_DIR") or None,
+        help="folder of the authors' CrIBo code (a scratch clone outside the project): measure it side by side, "
+        "interleaved in every round (default $CRIBO_OFFICIAL_DIR; without it the authors' figures are quoted)",
     )
     parser.add_argument(
         "--no-malloc-diagnostic",
@@ -881,28 +861,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [name for name in names if name not in pool]
     if unknown:
         raise SystemExit(f"--configs: unknown configuration {unknown[0]!r}; valid: {sorted(pool)}")
+    if args.official is not None and args.quick:
+        raise SystemExit("--official measures the authors' A, B and C; it cannot run with --quick")
     # The malloc diagnostic changes the process's allocator for good: only in fresh workers.
     kinds = ["cribo", "dino"] + ([] if args.in_process or not args.malloc_diagnostic else ["cribo_malloc"])
     rounds: dict[str, dict[str, list[dict[str, Any]]]] = {kind: {name: [] for name in names} for kind in kinds}
+    official: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     for index in range(args.rounds):  # interleaved, so that a slow spell of the machine hits every config
         for name in names:
-            base = {"setting": dataclasses.asdict(pool[name]), "device": args.device, "threads": args.threads}
-            base |= {"warmup": args.warmup, "repeat": args.repeat}
-            for kind in kinds:
-                job = {**base, "kind": kind.split("_")[0], "glibc_default": kind.endswith("malloc")}
-                res = run_job(job, args.in_process)
-                rounds[kind][name].append(res)
-                args.loads.append(common.load_1min())
-                print(
-                    f"round {index + 1}/{args.rounds} {name} {kind:12s}: {res['seconds']:.3f} s/step "
-                    f"({pool[name].batch / res['seconds']:.1f} img/s), peak RSS {res['peak_rss_mib']:.0f} MiB, "
-                    f"system {res['system_s']:.2f} s/step, split sum {res['instrumented_seconds']:.3f} s",
-                    flush=True,
-                )
+            order = ["authors", *kinds] if args.official is not None else list(kinds)
+            if index % 2:  # alternate who goes first, so that neither side always runs on a warmer machine
+                order.reverse()
+            for kind in order:
+                measure_kind(kind, name, index, args, pool, rounds, official)
     runs = {"cribo": {}, "dino": {}, "cribo_malloc": {}} | {
         kind: {name: median_round(results) for name, results in by_name.items()} for kind, by_name in rounds.items()
     }
-    path = report(args, runs, argv)
+    authors = (
+        {name: measured_authors(results) for name, results in official.items()}
+        if args.official is not None
+        else {name: QUOTED_AUTHORS[name] for name in names if name in QUOTED_AUTHORS}
+    )
+    path = report(args, runs, authors, argv)
     print(f"wrote {path}")
     return 0
 

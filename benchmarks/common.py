@@ -369,6 +369,36 @@ def run_worker(script: str | Path, job: dict[str, Any], timeout: float = WORKER_
     raise RuntimeError(f"worker {Path(script).name} {job} failed (exit {done.returncode}):\n{tail}")
 
 
+# ------------------------------------------------------------------------------------------------ the authors' code
+
+HARNESS_ENV = "CRIBO_REFHARNESS"  # overrides the path of the shared harness's bench.py
+HARNESS_MARK = "RESULT "  # the harness's result lines
+
+
+def official_harness() -> Path:
+    """``shared/refharness/bench.py`` next to the repository (or ``$CRIBO_REFHARNESS``): it times the authors'
+    code, imported at run time from a scratch folder outside the project."""
+    return Path(os.environ.get(HARNESS_ENV, REPO_ROOT.parent / "shared" / "refharness" / "bench.py"))
+
+
+def run_official(what: list[str], official: Path, threads: int) -> dict[str, Any]:
+    """One measurement of the authors' code through the shared harness, in its own fresh process (their code is
+    imported from ``official`` at run time, never copied): the harness's last ``RESULT`` line."""
+    harness = official_harness()
+    if not harness.is_file():
+        raise SystemExit(f"--official: the harness {harness} is missing (set {HARNESS_ENV} to its bench.py)")
+    command = [sys.executable, str(harness), "--official", str(official), "--threads", str(threads), *what]
+    done = subprocess.run(
+        command, capture_output=True, text=True, env=worker_env(), timeout=WORKER_TIMEOUT_S, check=False
+    )
+    lines = [line[len(HARNESS_MARK) :] for line in done.stdout.splitlines() if line.startswith(HARNESS_MARK)]
+    if done.returncode or not lines:
+        tail = "\n".join((done.stdout + done.stderr).splitlines()[-20:])
+        raise RuntimeError(f"the authors' harness failed ({' '.join(command)}, exit {done.returncode}):\n{tail}")
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
 def worker_job(argv: Sequence[str]) -> dict[str, Any] | None:
     """The job of a worker invocation (``--worker JSON``), or None for a normal run."""
     if len(argv) >= 2 and argv[0] == WORKER_FLAG:

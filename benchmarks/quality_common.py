@@ -475,7 +475,7 @@ def train_and_evaluate(
     record.load_average = [round(x, 2) for x in os.getloadavg()]
     trainer = build_trainer(config)
     if 0 not in record.evals:
-        record.evals[0] = evaluate_backbone(trainer.teacher.backbone, data, linear=linear)
+        record.evals[0] = evaluate_backbone(trainer.modules.teacher.backbone, data, linear=linear)
         save_record(record, path)
     for stop in eval_schedule(total, eval_every if variant != "random" else 0):
         if variant == "random" or stop in record.evals:
@@ -484,7 +484,7 @@ def train_and_evaluate(
         result = fit(trainer, progress_bar=False)
         record.history = [dict(row) for row in result.history]
         final = linear and result.step >= total
-        record.evals[result.step] = evaluate_backbone(trainer.teacher.backbone, data, linear=final)
+        record.evals[result.step] = evaluate_backbone(trainer.modules.teacher.backbone, data, linear=final)
         record.seconds = time.perf_counter() - started
         save_record(record, path)
         log(

@@ -19,10 +19,13 @@ from cribo.augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     CropBox,
+    JitterStep,
+    TorchRandom,
     TwoViewAugmentation,
     adjust_brightness,
     adjust_contrast,
     adjust_saturation,
+    apply_colour_jitter,
     blur_kernel,
     colour_view,
     crop_mask,
@@ -241,6 +244,26 @@ def test_random_box_fallback_on_extreme_aspect_ratio() -> None:
     assert (box.height, box.width) == (10, 13) and box.left == (1000 - 13) // 2
 
 
+def test_torch_random_draws_like_random_random_from_a_generator() -> None:
+    rng = TorchRandom(torch.Generator().manual_seed(4))
+    expected = torch.Generator().manual_seed(4)
+    u = float(torch.rand((), generator=expected))
+    assert rng.uniform(2.0, 5.0) == 2.0 + 3.0 * u  # random.Random's formula, one torch.rand draw
+    assert rng.random() == float(torch.rand((), generator=expected))
+    assert rng.randint(3, 9) == int(torch.randint(3, 10, (), generator=expected))
+    assert {rng.randint(0, 2) for _ in range(200)} == {0, 1, 2}  # both ends included
+
+
+def test_random_crop_box_draws_from_a_torch_generator() -> None:
+    boxes = [
+        random_crop_box(500, 375, (0.25, 1.0), (3 / 4, 4 / 3), TorchRandom(torch.Generator().manual_seed(s)))
+        for s in range(50)
+    ]
+    again = random_crop_box(500, 375, (0.25, 1.0), (3 / 4, 4 / 3), TorchRandom(torch.Generator().manual_seed(0)))
+    assert again == boxes[0] and len(set(boxes)) == 50
+    assert all(0.24 <= box.width * box.height / (500 * 375) <= 1.0 for box in boxes)
+
+
 def test_both_flips_occur() -> None:
     augment = TwoViewAugmentation(output_size=32, colour=False)
     flips = {box.flipped for seed in range(20) for box in augment(natural_image(), seed).boxes}
@@ -430,6 +453,23 @@ def test_brightness_contrast_saturation_equal_torchvision(factor: float) -> None
         torch.testing.assert_close(changed, theirs(pixels / 255, factor) * 255, atol=tolerance, rtol=0)
         # The authors' 8-bit PIL path rounds (and PIL's contrast rounds the mean luma): within 1.5 levels.
         assert (changed - to_float(theirs(image, factor))).abs().max() <= 1.5
+
+
+def test_colour_jitter_on_unit_values_is_the_level_jitter_scaled() -> None:
+    pixels = to_float(noisy_image())
+    steps: list[tuple[JitterStep, float]] = [
+        ("saturation", 1.15),
+        ("hue", -0.07),
+        ("brightness", 1.3),
+        ("contrast", 0.7),
+    ]
+    levels = apply_colour_jitter(pixels, steps)
+    unit = apply_colour_jitter(pixels / 255, steps, max_value=1.0)
+    assert unit.min() >= 0 and unit.max() <= 1  # clipped at the given white level
+    torch.testing.assert_close(unit * 255, levels, atol=2e-3, rtol=0)
+    assert apply_colour_jitter(pixels, []) is pixels
+    with pytest.raises(ValueError, match="valid"):
+        apply_colour_jitter(pixels, [("gamma", 1.1)])  # type: ignore[list-item]
 
 
 def test_grayscale_and_solarize_match_pil() -> None:

@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 from types import ModuleType
 
@@ -78,8 +79,8 @@ def test_compute_bound_uses_the_goal_and_the_measured_rate(bench) -> None:
     total = sum(account.values())
     run = {"seconds": 4.0, "gemm_gflops": 150.0, "objects": 100.0, "cycle_consistent": 50.0}
     floor = {"seconds": 2.0, "gemm_gflops": 150.0}
-    _title, table, text = bench_step.compute_bound({"C": run}, {"C": floor})
-    goal = bench_step.AUTHORS["C"].seconds / bench_step.SPEED_GOALS["C"]
+    _title, table, text = bench_step.compute_bound({"C": run}, {"C": floor}, bench_step.QUOTED_AUTHORS)
+    goal = bench_step.QUOTED_AUTHORS["C"].seconds / bench_step.SPEED_GOALS["C"]
     row = table.splitlines()[2].split(" | ")
     assert row[3] == f"{total / 150.0:.2f}" and row[5].startswith(f"{total / goal:.0f} ")
     assert f"C: the goal needs {100 * total / goal / 150:.0f} %" in text
@@ -96,7 +97,7 @@ def test_step_rounds_report_the_median_round_and_every_round(bench, tmp_path: Pa
     text = (tmp_path / "bench_step.md").read_text()
     assert "2 interleaved rounds" in text
     row = next(line for line in text.splitlines() if line.startswith("| tiny | vit_tiny"))
-    assert row.split(" | ")[3].count(" / ") == 1  # both rounds' seconds per step
+    assert row.split(" | ")[2].count(" / ") == 1  # both rounds' seconds per step
     with pytest.raises(SystemExit):
         bench_step.main(["--quick", "--rounds", "0", "--output-dir", str(tmp_path)])
 
@@ -104,7 +105,7 @@ def test_step_rounds_report_the_median_round_and_every_round(bench, tmp_path: Pa
 def test_step_phase_map_covers_every_lap(bench) -> None:
     bench_step = bench("bench_step")
     mapped = [lap for laps in bench_step.PHASE_MAP.values() for lap in laps]
-    assert sorted(mapped) == sorted(bench_step.FINE_PHASES)
+    assert sorted(mapped) == sorted(bench_step.fine_phases())
 
 
 def test_parts_quick(bench, tmp_path: Path) -> None:
@@ -112,6 +113,14 @@ def test_parts_quick(bench, tmp_path: Path) -> None:
     assert bench_parts.main(["--quick", "--in-process", *ONE_THREAD, "--output-dir", str(tmp_path)]) == 0
     text = (tmp_path / "bench_parts.md").read_text()
     assert "clustering" in text and "bank search + update" in text and "colour=False" in text
+
+
+def test_parts_alternatives_quick(bench, tmp_path: Path) -> None:
+    bench_parts = bench("bench_parts")
+    argv = ["--alternatives", "--quick", "--in-process", *ONE_THREAD, "--output-dir", str(tmp_path)]
+    assert bench_parts.main(argv) == 0
+    text = (tmp_path / "bench_parts_alternatives.md").read_text()
+    assert "torchvision / ours" in text and "timm / ours" in text and "SampleDropBlock" in text
 
 
 def test_scaling_quick(bench, tmp_path: Path) -> None:
@@ -166,18 +175,87 @@ def test_step_quick_in_fresh_subprocesses(tmp_path: Path) -> None:
 
 
 def test_instrumented_step_matches_train_step(bench) -> None:
-    """The timed copy of the step does the library's work: same weights, centres and bank afterwards."""
+    """The timed step is the library's step: same weights, centres and bank afterwards; a lap at every phase."""
     bench_step = bench("bench_step")
-    from cribo.train import train_step
+    from cribo.step import PHASES, train_step
 
     setting = bench_step.QUICK_SETTINGS["tiny"]
     batch = bench_step.random_batch(setting, seed=3)
     trainers = [bench_step.build_step_trainer(setting, "cpu", 1) for _ in range(2)]
     torch.manual_seed(11)
-    train_step(trainers[0], batch)
+    train_step(trainers[0].modules, trainers[0].settings, batch, trainers[0].values())
     torch.manual_seed(11)
-    bench_step.instrumented_step(trainers[1], batch, bench_step.common.PhaseClock())
+    clock = bench_step.common.PhaseClock()
+    bench_step.step(trainers[1], batch, clock)
+    assert list(clock.phases) == list(PHASES) == list(bench_step.fine_phases())
     for kind in ("student", "teacher", "criterion", "bank"):
-        expected = getattr(trainers[0], kind).state_dict()
-        for name, value in getattr(trainers[1], kind).state_dict().items():
-            torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6, msg=f"{kind}.{name}")
+        expected = getattr(trainers[0].modules, kind).state_dict()
+        for name, value in getattr(trainers[1].modules, kind).state_dict().items():
+            torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=f"{kind}.{name}")
+
+
+def test_side_by_side_ratios_come_from_the_same_round(bench) -> None:
+    bench_step = bench("bench_step")
+    authors = bench_step.AuthorsStep(4.0, 4000.0, (1.0,) * 6, rounds=(2.8, 4.0, 6.0), measured=True)
+    assert bench_step.round_ratios(authors, [2.0, 2.0, 2.0]) == pytest.approx([1.4, 2.0, 3.0])
+    quoted = bench_step.QUOTED_AUTHORS["C"]
+    assert bench_step.round_ratios(quoted, [1.0, 2.0]) == pytest.approx([3.57, 1.785])
+    ours = {"seconds": 2.0, "round_seconds": [2.0, 2.0, 2.0], "peak_rss_mib": 3000.0}
+    table = bench_step.summary_table({"C": ours}, {"C": authors})
+    assert "met in 2 of 3 rounds" in table and "2.800 / 4.000 / 6.000" in table and "(1.40 / 2.00 / 3.00)" in table
+    assert "quoted s / step (another run" in table  # the quoted figure only as a labelled secondary column
+
+
+def test_official_step_reads_the_shared_harness(bench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bench_step = bench("bench_step")
+    phases = {name: 0.1 * (index + 1) for index, name in enumerate(bench_step.HARNESS_PHASES)}
+    result = {
+        "median_s": 3.5,
+        "peak_rss_MB": 4100.0,
+        "breakdown_median_s": phases,
+        "cpu_user_s_per_iter": 6.0,
+        "cpu_sys_s_per_iter": 1.0,
+    }
+    fake = tmp_path / "bench.py"
+    fake.write_text(
+        "import json, sys\n"
+        "assert sys.argv[1:3] == ['--official', sys.argv[2]] and 'step' in sys.argv and 'C' in sys.argv\n"
+        "print('noise')\n"
+        f"print('RESULT ' + json.dumps({result!r}))\n"
+    )
+    monkeypatch.setenv("CRIBO_REFHARNESS", str(fake))
+    args = types.SimpleNamespace(repeat=5, warmup=2, official=tmp_path, threads=2)
+    measured = bench_step.official_step("C", args)
+    assert measured["seconds"] == 3.5 and measured["peak_rss_mib"] == 4100.0
+    assert measured["split"] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    step = bench_step.measured_authors([measured, {**measured, "seconds": 3.0}, {**measured, "seconds": 4.0}])
+    assert step.measured and step.rounds == (3.5, 3.0, 4.0) and step.seconds == 3.5
+    fake.write_text("import sys\nsys.exit(3)\n")
+    with pytest.raises(RuntimeError, match="harness failed"):
+        bench_step.official_step("C", args)
+
+
+def test_parts_side_by_side_ratios_and_goals(bench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bench_parts = bench("bench_parts")
+    fake = tmp_path / "bench.py"
+    fake.write_text(
+        "import json, sys\n"
+        "part = sys.argv[-1]\n"
+        "out = {'cluster': {'median_s': 1.4, 'peak_rss_increase_MB': 700.0},\n"
+        "       'nn': {'median_s': 9.0, 'peak_rss_increase_during_call_MB': 6000.0},\n"
+        "       'aug': {'per_image_ms_median': 7.0, 'construct_peak_rss_increase_MB': 3000.0}}[part]\n"
+        "print('RESULT ' + json.dumps(out))\n"
+    )
+    monkeypatch.setenv("CRIBO_REFHARNESS", str(fake))
+    args = types.SimpleNamespace(official=tmp_path, threads=2)
+    theirs = {what: [bench_parts.official_part(what, args)] for _, what, _, _ in bench_parts.OFFICIAL_PARTS}
+    assert theirs["aug"][0]["seconds"] == pytest.approx(7e-3) and theirs["nn"][0]["rise_mib"] == 6000.0
+    ours = {
+        "clustering": [{"seconds": 0.1, "rise_mib": 30.0}],  # 14x: goal 7x met
+        "bank_uniform": [{"seconds": 3.0, "rise_mib": 50.0}],  # 3x: goal 4.4x missed
+        "augment colour": [{"seconds": 2e-3, "rise_mib": 1.0}],  # 3.5x: goal 3.03x met
+    }
+    table = bench_parts.side_by_side_table(ours, theirs).splitlines()
+    assert "14.00×" in table[2] and "**pass** (met in 1 of 1 rounds)" in table[2]
+    assert "3.00×" in table[3] and "**FAIL**" in table[3]
+    assert "3.50×" in table[4] and "**pass**" in table[4]

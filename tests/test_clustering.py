@@ -13,6 +13,7 @@ from torch import Tensor
 from conftest import load_fixture
 from cribo.clustering import (
     ClusteringResult,
+    ClusteringSettings,
     cluster_marginals,
     clustering_cost,
     draw_seeds,
@@ -237,11 +238,13 @@ def test_joint_space_clustering_matches_reference(assignment_cases: list[dict[st
             case["positions"],
             case["k"],
             case["pos_alpha"],
-            sinkhorn_lambda=case["sinkhorn_lambda"],
-            sinkhorn_iterations=case["sinkhorn_iterations"],
-            num_rounds=case["n_iter"],
-            update_marginals=case["update_c"],
-            cost_normalization="batch",
+            ClusteringSettings(
+                sinkhorn_lambda=case["sinkhorn_lambda"],
+                sinkhorn_iterations=case["sinkhorn_iterations"],
+                num_rounds=case["n_iter"],
+                update_marginals=case["update_c"],
+                cost_normalization="batch",
+            ),
             init_index=case["index"].argmax(-1),
         )
         assert isinstance(result, ClusteringResult)
@@ -278,11 +281,13 @@ def test_teacher_centroids_match_reference(centroid_cases: list[dict[str, Any]])
             positions,
             num_clusters,
             case["pos_alpha_used"],
-            sinkhorn_lambda=case["sinkhorn_lambda"],
-            sinkhorn_iterations=case["sinkhorn_iterations"],
-            num_rounds=case["n_iter"],
-            update_marginals=case["update_c"],
-            cost_normalization="batch",
+            ClusteringSettings(
+                sinkhorn_lambda=case["sinkhorn_lambda"],
+                sinkhorn_iterations=case["sinkhorn_iterations"],
+                num_rounds=case["n_iter"],
+                update_marginals=case["update_c"],
+                cost_normalization="batch",
+            ),
             init_index=case["init_index"].argmax(-1),
         )
         assert_close(result.assignment, case["raw_assignment"])
@@ -322,7 +327,12 @@ def test_teacher_centroids_first_round_cost(centroid_cases: list[dict[str, Any]]
 def test_assignment_columns_and_valid_objects(normalization: Literal["image", "batch"]) -> None:
     tokens, positions = random_inputs(4, 64, 12, seed=2)
     result = joint_space_clustering(
-        tokens, positions, 10, 1.0, cost_normalization=normalization, generator=torch.Generator().manual_seed(3)
+        tokens,
+        positions,
+        10,
+        1.0,
+        ClusteringSettings(cost_normalization=normalization),
+        generator=torch.Generator().manual_seed(3),
     )
     batch, num_tokens, num_clusters = result.assignment.shape
     assert result.assignment.dtype == torch.float32 and result.cluster_of_token.dtype == torch.int64
@@ -410,7 +420,9 @@ def test_draw_seeds_distinct_and_reproducible() -> None:
 def test_update_marginals_flag() -> None:
     tokens, positions = random_inputs(2, 30, 6, seed=9)
     seeds = draw_seeds(2, 30, 4, generator=torch.Generator().manual_seed(10))
-    result = joint_space_clustering(tokens, positions, 4, 0.5, update_marginals=False, num_rounds=1, init_index=seeds)
+    result = joint_space_clustering(
+        tokens, positions, 4, 0.5, ClusteringSettings(update_marginals=False, num_rounds=1), init_index=seeds
+    )
     features = F.normalize(tokens, dim=-1)
     centroids = torch.gather(features, 1, seeds.unsqueeze(-1).expand(-1, -1, 6))
     spatial = spatial_cost(pairwise_distances(positions), seed_members(seeds, 30), 4)
@@ -449,14 +461,14 @@ def test_identical_tokens_and_positions_give_one_cluster() -> None:
 def test_identical_tokens_random_positions_no_nan() -> None:
     _, positions = random_inputs(3, 24, 5, seed=13)
     tokens = torch.ones(3, 24, 5)
-    result = joint_space_clustering(tokens, positions, 6, 1.0, cost_normalization="batch")
+    result = joint_space_clustering(tokens, positions, 6, 1.0, ClusteringSettings(cost_normalization="batch"))
     assert torch.isfinite(result.assignment).all() and torch.isfinite(result.cost).all()
 
 
 def test_batch_of_one() -> None:
     tokens, positions = random_inputs(1, 36, 8, seed=14)
     for normalization in ("image", "batch"):
-        result = joint_space_clustering(tokens, positions, 5, 1.0, cost_normalization=normalization)
+        result = joint_space_clustering(tokens, positions, 5, 1.0, ClusteringSettings(cost_normalization=normalization))
         assert result.assignment.shape == (1, 36, 5) and result.cluster_of_token.shape == (1, 36)
         selected, objects_per_image = select_valid(
             pool_objects(tokens, result.assignment), valid_objects(result.assignment)
@@ -491,7 +503,7 @@ def test_invalid_arguments_raise() -> None:
     tokens, positions = random_inputs(2, 10, 4, seed=17)
     unknown: Any = "pixel"
     with pytest.raises(ValueError, match="cost_normalization"):
-        joint_space_clustering(tokens, positions, 3, 1.0, cost_normalization=unknown)
+        joint_space_clustering(tokens, positions, 3, 1.0, ClusteringSettings(cost_normalization=unknown))
     with pytest.raises(ValueError, match="odd T"):
         joint_space_clustering(tokens[:, :9], positions[:, :9], 3, 1.0)
     with pytest.raises(ValueError, match="positions"):
@@ -499,7 +511,7 @@ def test_invalid_arguments_raise() -> None:
     with pytest.raises(ValueError, match="tokens"):
         joint_space_clustering(tokens[0], positions, 3, 1.0)
     with pytest.raises(ValueError, match="num_rounds"):
-        joint_space_clustering(tokens, positions, 3, 1.0, num_rounds=0)
+        joint_space_clustering(tokens, positions, 3, 1.0, ClusteringSettings(num_rounds=0))
     with pytest.raises(ValueError, match="distinct"):
         joint_space_clustering(tokens, positions, 3, 1.0, init_index=torch.tensor([[0, 1, 1], [2, 3, 4]]))
     with pytest.raises(ValueError, match="init_index"):

@@ -107,3 +107,24 @@ def test_saved_config_round_trips(tmp_path: Path) -> None:
     again = config_lib.resolve(config_file=str(tmp_path / "config.yaml"))
     assert again == cfg
     assert config_lib.from_dict(config_lib.to_dict(cfg)) == cfg
+
+
+def test_post_training_preset_and_fields() -> None:
+    cfg = config_lib.resolve(preset="vits16-coco-post", overrides={"init": "dino.pth"})
+    assert (cfg.model.init, cfg.model.arch, cfg.model.patch_size) == ("dino.pth", "vit_small", 16)
+    assert (cfg.optim.lr, cfg.optim.backbone_lr_scale, cfg.optim.momentum_teacher) == (1e-4, 0.1, 0.9995)
+    assert (cfg.optim.weight_decay, cfg.optim.weight_decay_end, cfg.optim.epochs) == (0.04, 0.5, 10)
+    assert config_lib.TrainConfig().model.init == "" and config_lib.TrainConfig().model.frozen_blocks == 0
+    with pytest.raises(ValueError, match="--frozen_blocks"):
+        config_lib.resolve(overrides={"frozen_blocks": -1})
+    with pytest.raises(ValueError, match="--backbone_lr_scale"):
+        config_lib.resolve(overrides={"backbone_lr_scale": 0})
+
+
+def test_authors_start_checkpoint_path_becomes_init() -> None:
+    overrides, inert, _ = config_lib.from_authors_args(
+        {"start_checkpoint_path": "/ckpt/start.pth", "arch": "vit_small"}
+    )
+    assert overrides == {"init": "/ckpt/start.pth", "arch": "vit_small"}
+    assert any("start_checkpoint_path" in line and "--init" in line for line in inert)
+    assert config_lib.from_authors_args({"start_checkpoint_path": ""})[0] == {}

@@ -12,7 +12,8 @@ import torch
 from cribo import config as config_lib
 from cribo.cli import main
 from cribo.config import TrainConfig
-from cribo.models import backbone_tokens, load_backbone
+from cribo.hub import load_backbone
+from cribo.models import backbone_tokens
 from cribo.train import train
 
 

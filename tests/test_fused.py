@@ -10,8 +10,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cribo.fused import SoftTarget, column_blocks, default_block_bytes, soft_cross_entropy_terms, teacher_targets
-from cribo.losses import CrIBoLoss, cross_image_entries, student_terms
+from cribo.fused import (
+    SoftTarget,
+    StepTargets,
+    TargetBuilder,
+    TeacherFeatures,
+    column_blocks,
+    default_block_bytes,
+    soft_cross_entropy_terms,
+    student_terms,
+    teacher_targets,
+)
+from cribo.losses import CrIBoLoss
+from cribo.matching import cross_image_entries
 
 TINY_BLOCK = 4 * 10 * 16  # 16 columns of 10 rows: forces several column blocks
 
@@ -126,16 +137,20 @@ def test_soft_cross_entropy_terms_empty_target_and_bad_inputs() -> None:
         soft_cross_entropy_terms(features[:, :3], weight_v, weight_g, 1.0, [empty])
 
 
-@pytest.mark.parametrize("normalization", ["per_view", "view1"])
-def test_cross_image_entries_follow_the_mask(normalization: str) -> None:
-    mask = torch.tensor([[True, False, True, True], [False, True, False, False]])
-    order, rows, weights = cross_image_entries(mask, normalization)  # type: ignore[arg-type]
-    # Student view 0 (rows 0..3) learns from view-1 neighbours, student view 1 (rows 4..7) from view-0 ones.
-    assert order.tolist() == [5, 0, 2, 3] and rows.tolist() == [1, 4, 6, 7]
-    expected = [0.5, 1 / 6, 1 / 6, 1 / 6] if normalization == "per_view" else [1 / 6] * 4
-    torch.testing.assert_close(weights, torch.tensor(expected))
-    _, _, none = cross_image_entries(torch.tensor([[False, False], [True, False]]), "view1")
-    assert none.tolist() == [0.0]
+def _targets(
+    builder: TargetBuilder,
+    criterion: CrIBoLoss,
+    features: TeacherFeatures,
+    layers: tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]],
+    mask: Tensor,
+    temperatures: tuple[float, float] = (0.04, 0.04),
+) -> StepTargets:
+    """A step's targets, then the centre update, as the training step does them."""
+    entries = cross_image_entries(mask, criterion.cross_image_normalization)
+    centers = (criterion.center.center, criterion.center_c.center)
+    targets, statistics = builder(features, layers, centers, temperatures, entries)
+    criterion.update_centers(statistics)
+    return targets
 
 
 def _step_inputs(seed: int, num_objects: int, mask: Tensor | None = None) -> dict[str, Tensor]:
@@ -162,7 +177,7 @@ def _step_inputs(seed: int, num_objects: int, mask: Tensor | None = None) -> dic
     ],
 )
 def test_fused_step_equals_crib_loss_on_logits(normalization: str, num_objects: int, mask: Tensor | None) -> None:
-    """targets() + student_terms() give CrIBoLoss.forward's terms, centre updates and gradients."""
+    """TargetBuilder + student_terms() give CrIBoLoss.forward's terms, centre updates and gradients."""
     inputs = _step_inputs(4, num_objects, mask)
     gen = torch.Generator().manual_seed(5)
     student_layers = [_layer(30, 8, gen), _layer(20, 8, gen)]
@@ -185,20 +200,15 @@ def test_fused_step_equals_crib_loss_on_logits(normalization: str, num_objects: 
         teacher_temp_c=0.07,
         cross_image=True,
     )
-    order, _, _ = cross_image_entries(inputs["cycle_mask"], normalization)  # type: ignore[arg-type]
-    targets = fused.targets(
-        inputs["teacher_global"],
-        inputs["teacher_objects"],
-        inputs["neighbours"].flatten(0, 1)[order],
-        inputs["cycle_mask"],
-        teacher_layers[0],  # type: ignore[arg-type]
-        teacher_layers[1],  # type: ignore[arg-type]
-        0.04,
-        0.07,
+    order = cross_image_entries(inputs["cycle_mask"], normalization).order  # type: ignore[arg-type]
+    features = TeacherFeatures(
+        inputs["teacher_global"], inputs["teacher_objects"], inputs["neighbours"].flatten(0, 1)[order]
     )
+    layers = (teacher_layers[0], teacher_layers[1])
+    targets = _targets(TargetBuilder(), fused, features, layers, inputs["cycle_mask"], (0.04, 0.07))  # type: ignore[arg-type]
     fg = inputs["student_global"].clone().requires_grad_()
     fo = inputs["student_objects"].clone().requires_grad_()
-    terms = student_terms(fg, fo, student_layers[0], student_layers[1], targets, 0.1, 0.2)
+    terms = student_terms(fg, fo, (student_layers[0], student_layers[1]), targets, (0.1, 0.2))
     for key in ("global", "object", "cross_image"):
         torch.testing.assert_close(terms[key], reference[key], atol=1e-5, rtol=1e-5, msg=key)
     torch.testing.assert_close(fused.center.center, plain.center.center, atol=1e-6, rtol=1e-5)
@@ -220,17 +230,9 @@ def test_targets_reject_a_neighbour_count_that_does_not_match_the_mask() -> None
     inputs = _step_inputs(6, 4, torch.tensor([[True, True, False, False], [False, False, False, True]]))
     gen = torch.Generator().manual_seed(7)
     layer = tuple(t.detach() for t in _layer(10, 8, gen))
-    with pytest.raises(ValueError, match="one row per cycle-consistent retrieval"):
-        CrIBoLoss(10, 10).targets(
-            inputs["teacher_global"],
-            inputs["teacher_objects"],
-            inputs["teacher_objects"][:2],
-            inputs["cycle_mask"],
-            layer,
-            layer,
-            0.04,
-            0.04,  # type: ignore[arg-type]
-        )
+    features = TeacherFeatures(inputs["teacher_global"], inputs["teacher_objects"], inputs["teacher_objects"][:2])
+    with pytest.raises(ValueError, match="one row per cross-image entry"):
+        _targets(TargetBuilder(), CrIBoLoss(10, 10), features, (layer, layer), inputs["cycle_mask"])  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("dim", [8, 16], ids=["rows>d", "rows<=d"])
@@ -252,18 +254,19 @@ def test_soft_cross_entropy_terms_in_bfloat16_stay_close(dim: int) -> None:
 def test_targets_reuse_one_workspace_between_steps() -> None:
     gen = torch.Generator().manual_seed(9)
     layer = tuple(t.detach() for t in _layer(10, 8, gen))
-    criterion = CrIBoLoss(10, 10)
+    criterion, builder = CrIBoLoss(10, 10), TargetBuilder()
     mask = torch.tensor([[True, False, True], [False, False, True]])
     inputs = _step_inputs(10, 3, mask)
-    order, _, _ = cross_image_entries(mask, "per_view")
-    neighbours = inputs["neighbours"].flatten(0, 1)[order]
-    args = (inputs["teacher_global"], inputs["teacher_objects"], neighbours, mask, layer, layer, 0.04, 0.04)
-    first = criterion.targets(*args)  # type: ignore[arg-type]
+    order = cross_image_entries(mask, "per_view").order
+    features = TeacherFeatures(
+        inputs["teacher_global"], inputs["teacher_objects"], inputs["neighbours"].flatten(0, 1)[order]
+    )
+    first = _targets(builder, criterion, features, (layer, layer), mask)  # type: ignore[arg-type]
     expected = first.objects.probs.clone()
     storage = first.objects.probs.untyped_storage().data_ptr()
-    second = criterion.targets(*args)  # type: ignore[arg-type]
+    second = _targets(builder, criterion, features, (layer, layer), mask)  # type: ignore[arg-type]
     assert second.objects.probs.untyped_storage().data_ptr() == storage  # same memory, no new allocation
-    assert "_workspace" not in criterion.state_dict()
+    assert set(criterion.state_dict()) == {"center.center", "center_c.center"}  # the workspace is never saved
     center_moved = not torch.equal(expected, second.objects.probs)  # the centre moved between the calls
     assert center_moved and torch.allclose(second.objects.probs.sum(-1), torch.ones(6))
     with pytest.raises(ValueError, match="contiguous float32"):

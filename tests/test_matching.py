@@ -1,197 +1,19 @@
-"""Tests of cribo.matching: exact chunked/screened search against a dense float32 search, cycle consistency, parity."""
+"""Tests of cribo.matching: cycle consistency, the cross-image entries, parity with the authors' retrieval."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
-from typing import cast
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from conftest import load_fixture
-from cribo.matching import (
-    FP32_UNIT_ROUNDOFF,
-    MIN_KEYS_TO_SCREEN,
-    Screening,
-    match_objects,
-    nearest_neighbours,
-    screening_margin,
-)
-from cribo.memory import ObjectMemoryBank, normalize_to_bfloat16
+from conftest import dense_nearest_neighbours, load_fixture
+from cribo.matching import cross_image_entries, match_objects
+from cribo.memory import ObjectMemoryBank
+from cribo.search import BankKeys, Screening, normalize_to_bfloat16
 
 SCREENINGS: list[Screening] = ["none", "bf16"]
-
-
-def dense_nearest_neighbours(
-    queries: Tensor, keys: Tensor, key_mask: Tensor | None = None, normalize_keys: bool = True
-) -> tuple[Tensor, Tensor]:
-    """Reference: the full (n, M) float32 similarity matrix, masked, then argmax (first index on ties)."""
-    unit_queries = F.normalize(queries.float(), dim=1)
-    unit_keys = F.normalize(keys.float(), dim=1) if normalize_keys else keys.float()
-    if key_mask is None:
-        key_mask = torch.ones(keys.shape[0], dtype=torch.bool)
-    if not bool(key_mask.any()):
-        return torch.full((queries.shape[0],), -math.inf), torch.full((queries.shape[0],), -1)
-    similarity = (unit_queries @ unit_keys.T).masked_fill(~key_mask, -math.inf)
-    return similarity.max(dim=1)
-
-
-def make_data(kind: str, num_queries: int, num_keys: int, dim: int, seed: int) -> tuple[Tensor, Tensor]:
-    """Queries and keys of several difficulties for an exact search."""
-    generator = torch.Generator().manual_seed(seed)
-    if kind == "gaussian":
-        return torch.randn(num_queries, dim, generator=generator), torch.randn(num_keys, dim, generator=generator)
-    if kind == "uniform":  # the authors' initial bank: all similarities within a few hundredths
-        return torch.rand(num_queries, dim, generator=generator), torch.rand(num_keys, dim, generator=generator)
-    keys = torch.randn(num_keys, dim, generator=generator)
-    if kind == "near_duplicates":  # queries close to stored keys, second best far below
-        picks = torch.randint(0, num_keys, (num_queries,), generator=generator)
-        return keys[picks] + 0.05 * torch.randn(num_queries, dim, generator=generator), keys
-    if kind == "clustered":  # many keys within the screening margin of the best one
-        centres = torch.randn(4, dim, generator=generator)
-        keys = centres[torch.randint(0, 4, (num_keys,), generator=generator)] + 0.01 * keys
-        return centres[torch.randint(0, 4, (num_queries,), generator=generator)], keys
-    if kind == "ties":  # exact duplicates: the first index must win
-        keys = keys[torch.randint(0, max(num_keys // 8, 1), (num_keys,), generator=generator)]
-        return keys[torch.randint(0, num_keys, (num_queries,), generator=generator)] * 2.0, keys
-    raise ValueError(kind)
-
-
-@pytest.mark.parametrize("screening", SCREENINGS)
-@pytest.mark.parametrize("chunk_size", [1, 7, 60, 61, 1000])
-def test_chunked_search_equals_dense(screening: Screening, chunk_size: int) -> None:
-    queries, keys = make_data("gaussian", 9, 61, 12, seed=chunk_size)
-    key_mask = torch.rand(61, generator=torch.Generator().manual_seed(0)) > 0.3
-    for mask in (None, key_mask):
-        best, index = nearest_neighbours(queries, keys, mask, chunk_size, screening=screening)
-        expected_best, expected_index = dense_nearest_neighbours(queries, keys, mask)
-        assert index.dtype == torch.int64 and best.dtype == torch.float32
-        assert torch.equal(index, expected_index)
-        torch.testing.assert_close(best, expected_best, atol=1e-6, rtol=0)
-
-
-@pytest.mark.parametrize("chunk_size", [512, 2000])
-@pytest.mark.parametrize("num_queries", [1, 40])
-@pytest.mark.parametrize("kind", ["gaussian", "uniform", "near_duplicates", "clustered", "ties"])
-def test_screened_search_equals_dense(kind: str, num_queries: int, chunk_size: int) -> None:
-    queries, keys = make_data(kind, num_queries, 6000, 64, seed=1)
-    key_mask = torch.ones(keys.shape[0], dtype=torch.bool)
-    key_mask[1000:2500] = False  # whole chunks invalid
-    key_mask[7::3] = False
-    expected_best, expected_index = dense_nearest_neighbours(queries, keys, key_mask)
-    for screen_keys in (None, normalize_to_bfloat16(keys)):
-        best, index = nearest_neighbours(
-            queries, keys, key_mask, chunk_size=chunk_size, screening="bf16", screen_keys=screen_keys
-        )
-        assert torch.equal(index, expected_index)
-        torch.testing.assert_close(best, expected_best, atol=1e-6, rtol=0)
-
-
-def test_auto_screening_on_a_large_bank_equals_dense() -> None:
-    queries, keys = make_data("near_duplicates", 16, MIN_KEYS_TO_SCREEN, 32, seed=2)
-    best, index = nearest_neighbours(queries, keys)
-    expected_best, expected_index = dense_nearest_neighbours(queries, keys)
-    assert torch.equal(index, expected_index)
-    torch.testing.assert_close(best, expected_best, atol=1e-6, rtol=0)
-
-
-def test_screened_search_with_all_keys_tied() -> None:
-    """Every key is a candidate: the chunk is rescored with one float32 product; the first index wins."""
-    keys = torch.randn(1, 16).expand(5000, 16).clone()
-    keys[3000] *= 2.0  # same direction: still a tie in cosine
-    queries = torch.randn(5, 16)
-    for screening in SCREENINGS:
-        _, index = nearest_neighbours(queries, keys, chunk_size=1024, screening=screening)
-        assert torch.equal(index, dense_nearest_neighbours(queries, keys)[1])
-        assert torch.equal(index, torch.zeros(5, dtype=torch.int64))
-
-
-@pytest.mark.parametrize("screening", SCREENINGS)
-def test_keys_closer_than_float32_resolution(screening: Screening) -> None:
-    """All keys within 1e-5 of one direction: bfloat16 cannot tell them apart and float32 barely can.
-
-    Any order of the float32 sums may then pick another near-tied key (the chunked float32 search as
-    well); the guarantee is that the chosen key is within float32 rounding of the dense maximum.
-    """
-    generator = torch.Generator().manual_seed(4)
-    keys = torch.randn(1, 32, generator=generator) + 1e-5 * torch.randn(3000, 32, generator=generator)
-    queries = keys[:20] + 1e-6 * torch.randn(20, 32, generator=generator)
-    _, index = nearest_neighbours(queries, keys, chunk_size=256, screening=screening)
-    similarity = F.normalize(queries, dim=1) @ F.normalize(keys, dim=1).T
-    chosen = similarity.gather(1, index[:, None]).squeeze(1)
-    assert bool((chosen >= similarity.max(dim=1).values - 1e-6).all())
-
-
-@pytest.mark.parametrize("dim", [3, 64, 384, 1000])
-@pytest.mark.parametrize("num_queries", [1, 33])
-def test_bf16_product_error_is_within_the_screening_margin(dim: int, num_queries: int) -> None:
-    """The assumption behind the screen on this platform: float32 accumulation, output rounded once."""
-    generator = torch.Generator().manual_seed(dim)
-    unit_queries = F.normalize(torch.randn(num_queries, dim, generator=generator), dim=1)
-    keys = torch.cat(
-        [
-            unit_queries,  # similarity 1: the largest output rounding
-            -unit_queries,
-            unit_queries + 1e-3 * torch.randn(num_queries, dim, generator=generator),
-            torch.rand(300, dim, generator=generator),
-            torch.randn(301, dim, generator=generator) * torch.logspace(-6, 2, dim),  # wide dynamic range
-        ]
-    )
-    unit_keys = F.normalize(keys, dim=1)
-    screened = (unit_keys.bfloat16() @ unit_queries.bfloat16().T).float()  # (M, n) as in the search
-    exact = unit_keys.double() @ unit_queries.double().T
-    gamma = dim * FP32_UNIT_ROUNDOFF / (1 - dim * FP32_UNIT_ROUNDOFF)
-    beta = screening_margin(unit_queries).double() - 3 * gamma * 1.01**2
-    assert bool(((screened.double() - exact).abs() <= beta[None, :]).all())
-
-
-def test_no_valid_key_gives_minus_one() -> None:
-    queries, keys = make_data("gaussian", 4, 20, 8, seed=0)
-    for screening in SCREENINGS:
-        for mask_keys, mask in ((keys, torch.zeros(20, dtype=torch.bool)), (keys[:0], None)):
-            best, index = nearest_neighbours(queries, mask_keys, mask, screening=screening)
-            assert torch.equal(index, torch.full((4,), -1)) and bool(torch.isneginf(best).all())
-
-
-def test_zero_queries_and_raw_keys() -> None:
-    queries, keys = make_data("gaussian", 0, 20, 8, seed=0)
-    best, index = nearest_neighbours(queries, keys, screening="bf16")
-    assert best.shape == (0,) and index.shape == (0,)
-    queries, keys = make_data("gaussian", 6, 50, 8, seed=0)
-    _, index = nearest_neighbours(queries, keys, normalize_keys=False, chunk_size=16)
-    assert torch.equal(index, dense_nearest_neighbours(queries, keys, normalize_keys=False)[1])
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("screening", SCREENINGS)
-def test_half_precision_queries_are_searched_in_float32(dtype: torch.dtype, screening: Screening) -> None:
-    queries, keys = make_data("near_duplicates", 16, 400, 32, seed=3)
-    queries = queries.to(dtype)
-    best, index = nearest_neighbours(queries, keys, chunk_size=64, screening=screening)
-    expected_best, expected_index = dense_nearest_neighbours(queries.float(), keys)
-    assert best.dtype == torch.float32 and torch.equal(index, expected_index)
-    torch.testing.assert_close(best, expected_best, atol=1e-6, rtol=0)
-
-
-def test_search_rejects_bad_input() -> None:
-    queries, keys = torch.zeros(2, 4), torch.zeros(5, 4)
-    with pytest.raises(ValueError, match="must share D"):
-        nearest_neighbours(queries, torch.zeros(5, 3))
-    with pytest.raises(ValueError, match=r"key_mask must be a bool tensor of shape \(5,\)"):
-        nearest_neighbours(queries, keys, torch.ones(5))
-    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
-        nearest_neighbours(queries, keys, chunk_size=0)
-    with pytest.raises(ValueError, match="screening must be one of"):
-        nearest_neighbours(queries, keys, screening=cast(Screening, "fp8"))
-    with pytest.raises(ValueError, match="only exact on CPU"):
-        nearest_neighbours(queries.to("meta"), keys.to("meta"), screening="bf16")
-    with pytest.raises(ValueError, match=r"screen_keys must be bfloat16 with the keys' shape \(5, 4\)"):
-        nearest_neighbours(queries, keys, screen_keys=keys)
-    with pytest.raises(ValueError, match="screen_keys must be bfloat16"):
-        nearest_neighbours(queries, keys, screen_keys=keys[:4].bfloat16())
 
 
 # --------------------------------------------------------------------------- match_objects
@@ -329,21 +151,53 @@ def test_match_objects_rejects_bad_input() -> None:
 
 
 def test_search_and_push_cycles_with_the_banks_screening_keys() -> None:
-    """The bank's bfloat16 unit keys, updated by push, screen as exactly as keys normalised at every call."""
+    """The bank's bfloat16 unit keys, updated after each push, screen as exactly as keys normalised at every call."""
     generator = torch.Generator().manual_seed(9)
     bank = ObjectMemoryBank(300, 8, 24, generator=generator)  # the authors' uniform start, then pushed batches
+    keys = BankKeys()
     plain = ObjectMemoryBank(300, 8, 24)
     plain.load_state_dict(bank.state_dict())
     for _ in range(6):
         counts = torch.randint(0, 9, (20,), generator=generator)
         objects = torch.randn(int(counts.sum()), 2, 24, generator=generator)
-        screened = match_objects(objects, bank, chunk_size=1024, screening="bf16")
+        screened = match_objects(objects, bank, chunk_size=1024, screening="bf16", keys=keys)
         expected = match_objects(objects, plain, chunk_size=1024, screening="none")
         assert torch.equal(screened.index, expected.index)
         assert torch.equal(screened.cycle_mask, expected.cycle_mask)
         assert torch.equal(screened.neighbours, expected.neighbours)
-        for each in (bank, plain):
-            each.push(objects, counts)
+        keys.update(bank, bank.push(objects, counts))
+        plain.push(objects, counts)
     for view in range(2):
-        screen_keys = bank.screen_keys(view)
-        assert screen_keys is not None and torch.equal(screen_keys, normalize_to_bfloat16(bank.flat_view(view)[0]))
+        assert torch.equal(keys.view(bank, view), normalize_to_bfloat16(bank.flat_view(view)[0]))
+
+
+@pytest.mark.parametrize("normalization", ["per_view", "view1"])
+def test_cross_image_entries_follow_the_mask(normalization: str) -> None:
+    mask = torch.tensor([[True, False, True, True], [False, True, False, False]])
+    entries = cross_image_entries(mask, normalization)  # type: ignore[arg-type]
+    order, rows, weights = entries.order, entries.rows, entries.weights
+    # Student view 0 (rows 0..3) learns from view-1 neighbours, student view 1 (rows 4..7) from view-0 ones.
+    assert order.tolist() == [5, 0, 2, 3] and rows.tolist() == [1, 4, 6, 7]
+    expected = [0.5, 1 / 6, 1 / 6, 1 / 6] if normalization == "per_view" else [1 / 6] * 4
+    torch.testing.assert_close(weights, torch.tensor(expected))
+    none = cross_image_entries(torch.tensor([[False, False], [True, False]]), "view1").weights
+    assert none.tolist() == [0.0]
+
+
+@pytest.mark.parametrize("normalization", ["per_view", "view1"])
+def test_matches_carry_their_entries_and_used_neighbours(normalization: str) -> None:
+    bank, objects = random_bank_and_objects(seed=10)
+    matches = match_objects(objects, bank, normalization=normalization)  # type: ignore[arg-type]
+    expected = cross_image_entries(matches.cycle_mask, normalization)  # type: ignore[arg-type]
+    for mine, theirs in zip(
+        (matches.entries.order, matches.entries.rows, matches.entries.weights),
+        (expected.order, expected.rows, expected.weights),
+        strict=True,
+    ):
+        assert torch.equal(mine, theirs)
+    used = matches.used_neighbours()
+    assert used.shape == (int(matches.cycle_mask.sum()), objects.shape[-1])
+    for entry, row in enumerate(matches.entries.rows.tolist()):  # a neighbour of view v supervises the other view
+        source_view, index = 1 - row // objects.shape[0], row % objects.shape[0]
+        assert bool(matches.cycle_mask[source_view, index])
+        assert torch.equal(used[entry], matches.neighbours[source_view, index])

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import copy
-import io
 from pathlib import Path
 
 import pytest
@@ -12,7 +10,7 @@ import torch
 from torch import Tensor
 
 from conftest import load_fixture
-from cribo.memory import ObjectMemoryBank, normalize_to_bfloat16
+from cribo.memory import ObjectMemoryBank
 
 
 class AuthorsQueue:
@@ -220,98 +218,3 @@ def test_import_of_the_authors_checkpoint_queues(reference: Path) -> None:
     bank = ObjectMemoryBank.from_authors_layout(queue, counts, checkpoint["args"].n_tokens)
     assert bank.capacity == checkpoint["args"].queue_size and bank.dim == queue.shape[2]
     assert_same_live_rows(bank, queue, counts)
-
-
-# --------------------------------------------------------------------------- bfloat16 screening keys
-
-
-def assert_screen_keys_follow_objects(bank: ObjectMemoryBank) -> None:
-    """Each view's screening keys equal the bfloat16 rounding of F.normalize of the stored objects, stale slots too."""
-    for view in range(bank.num_views):
-        keys, _ = bank.flat_view(view)
-        screen_keys = bank.screen_keys(view)
-        assert screen_keys is not None and screen_keys.dtype == torch.bfloat16
-        expected = torch.nn.functional.normalize(keys, dim=1).bfloat16()
-        assert torch.equal(screen_keys, expected)
-        assert torch.equal(screen_keys, normalize_to_bfloat16(keys))
-
-
-def test_screen_keys_are_updated_by_push_without_a_rebuild(monkeypatch: pytest.MonkeyPatch) -> None:
-    generator = torch.Generator().manual_seed(4)
-    bank = ObjectMemoryBank(6, 3, 8, generator=generator)
-    assert_screen_keys_follow_objects(bank)
-    screen_keys = bank.screen_keys(0)
-    assert screen_keys is not None
-    storage = screen_keys.data_ptr()
-
-    def no_rebuild() -> None:
-        raise AssertionError("push must update the screening keys in place, not rebuild them")
-
-    monkeypatch.setattr(bank, "_rebuild_unit_keys", no_rebuild)
-    for _ in range(5):  # wraps around the ring; ragged counts leave stale slots
-        bank.push(*random_batch(generator, 4, 3, 8))
-        assert_screen_keys_follow_objects(bank)
-    objects, counts = random_batch(generator, 2, 3, 8)
-    bank.push(objects.half(), counts)  # stored (and normalised) in float32
-    assert_screen_keys_follow_objects(bank)
-    assert torch.equal(screen_keys, normalize_to_bfloat16(bank.flat_view(0)[0]))  # the same tensor, kept in step
-    assert screen_keys.data_ptr() == storage
-
-
-def test_screen_keys_follow_every_other_change_of_the_objects() -> None:
-    generator = torch.Generator().manual_seed(5)
-    bank = ObjectMemoryBank(5, 4, 6, generator=generator)
-    assert_screen_keys_follow_objects(bank)
-    bank.objects.normal_(generator=generator)  # in place, behind push's back
-    assert_screen_keys_follow_objects(bank)
-    bank.flat_view(1)[0][3].mul_(-2.0)  # through a view
-    assert_screen_keys_follow_objects(bank)
-    other = ObjectMemoryBank(5, 4, 6, generator=generator)
-    bank.load_state_dict(other.state_dict())
-    assert torch.equal(bank.objects, other.objects)
-    assert_screen_keys_follow_objects(bank)
-    bank.objects = torch.randn(2, 5, 4, 6, generator=generator)  # a new tensor
-    assert_screen_keys_follow_objects(bank)
-    bank.to(torch.float64).to(torch.float32)  # moves/casts drop the copy
-    assert_screen_keys_follow_objects(bank)
-    bank.push(*random_batch(generator, 3, 4, 6))
-    assert_screen_keys_follow_objects(bank)
-
-
-def test_screen_keys_are_not_saved_and_resume_exactly() -> None:
-    generator = torch.Generator().manual_seed(6)
-    bank = ObjectMemoryBank(4, 3, 5, generator=generator)
-    bank.push(*random_batch(generator, 3, 3, 5))
-    assert bank.screen_keys(0) is not None
-    assert set(bank.state_dict()) == {"objects", "counts", "head"}
-    restored = ObjectMemoryBank(4, 3, 5)
-    restored.load_state_dict(bank.state_dict())
-    buffer = io.BytesIO()
-    torch.save(bank, buffer)  # the whole module pickles (the copy and its weak reference are left out)
-    buffer.seek(0)
-    twins = [restored, copy.deepcopy(bank), torch.load(buffer, weights_only=False)]
-    batch = random_batch(generator, 2, 3, 5)
-    for each in (bank, *twins):
-        each.push(*batch)
-        assert_screen_keys_follow_objects(each)
-    for twin in twins:
-        assert all(torch.equal(a, b) for a, b in zip(twin.state_dict().values(), bank.state_dict().values()))
-
-
-def test_screen_keys_of_an_authors_layout_import() -> None:
-    generator = torch.Generator().manual_seed(7)
-    bank = ObjectMemoryBank(5, 4, 3, generator=generator)
-    for _ in range(3):
-        bank.push(*random_batch(generator, 2, 4, 3))
-    rebuilt = ObjectMemoryBank.from_authors_layout(*bank.to_authors_layout(), 4)
-    assert_screen_keys_follow_objects(rebuilt)
-    rebuilt.push(*random_batch(generator, 3, 4, 3))
-    assert_screen_keys_follow_objects(rebuilt)
-
-
-def test_no_screen_keys_for_inference_tensors() -> None:
-    with torch.inference_mode():
-        bank = ObjectMemoryBank(3, 2, 4)
-    assert bank.screen_keys(0) is None  # no version counter to keep a copy in step
-    with pytest.raises(ValueError, match=r"view must be in \[0, 2\)"):
-        bank.screen_keys(2)

@@ -14,39 +14,15 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import conftest
 from cribo import config as config_lib
 from cribo.config import TrainConfig
 from cribo.train import NonFiniteLossError, build_trainer, train
 
 
 def tiny_config(output_dir: Path, **extra: Any) -> TrainConfig:
-    """A seconds-long configuration: 2-block ViT with 8-px patches on 32-px views, 4 steps per epoch."""
-    overrides: dict[str, Any] = {
-        "arch": "vit_tiny",
-        "patch_size": 8,
-        "depth": 2,
-        "out_dim": 64,
-        "out_dim_c": 64,
-        "image_size": 32,
-        "scenes_num_images": 16,
-        "scenes_image_size": 48,
-        "num_workers": 0,
-        "n_tokens": 4,
-        "queue_size": 12,
-        "epochs": 2,
-        "batch_size_per_gpu": 4,
-        "warmup_epochs": 1,
-        "warmup_teacher_temp_epochs": 1,
-        "device": "cpu",
-        "precision": "fp32",
-        "log_every": 1,
-        "checkpoint_every": 0,
-        "saveckp_freq": 0,
-        "drop_path_rate": 0.1,
-        "output_dir": str(output_dir),
-    }
-    overrides.update(extra)
-    return config_lib.resolve(overrides=overrides)
+    """The suite's tiny run (conftest.TINY_RUN) with stochastic depth on, as in pretraining."""
+    return conftest.tiny_config(output_dir, **{"drop_path_rate": 0.1, **extra})
 
 
 def read_log(output_dir: Path) -> list[dict[str, float]]:
@@ -85,8 +61,14 @@ def test_stop_and_resume_is_bit_identical(tmp_path: Path) -> None:
     resumed = torch.load(tmp_path / "resumed" / "checkpoint.pth", weights_only=True)
     assert straight["step"] == resumed["step"] == 6
     assert_same_state(straight, resumed)
-    assert_same_state(straight, resumed)
     assert straight["optimizer"]["state"].keys() == resumed["optimizer"]["state"].keys()
+    assert straight["rng"]["python"] == resumed["rng"]["python"]
+    timing = ("images_per_s", "peak_mem_mb")  # the only fields that differ between identical runs
+    logs = [
+        [{k: v for k, v in row.items() if k not in timing} for row in read_log(tmp_path / name)]
+        for name in ("straight", "resumed")
+    ]
+    assert logs[0] == logs[1] and [row["step"] for row in logs[0]] == [1, 2, 3, 4, 5, 6]  # no step twice
 
 
 def test_larger_epochs_continues_a_finished_run(tmp_path: Path) -> None:
@@ -100,16 +82,16 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path: Path, monkeyp
     cfg = tiny_config(tmp_path / "run", max_steps=2)
     train(cfg, progress_bar=False)
     before = (tmp_path / "run" / "checkpoint.pth").read_bytes()
-    import cribo.train as train_module
+    import cribo.step as step_module
 
-    original = train_module.student_terms
+    original = step_module.student_terms
 
     def poisoned(*args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         terms = original(*args, **kwargs)
         terms["global"] = terms["global"] * float("nan")
         return terms
 
-    monkeypatch.setattr(train_module, "student_terms", poisoned)
+    monkeypatch.setattr(step_module, "student_terms", poisoned)
     with pytest.raises(NonFiniteLossError, match="non-finite loss"):
         train(tiny_config(tmp_path / "run", max_steps=4), progress_bar=False)
     assert (tmp_path / "run" / "checkpoint.pth").read_bytes() == before
@@ -167,10 +149,10 @@ def _worker(rank: int, world: int, port: int, output_dir: str, dump_dir: str) ->
     result = fit(trainer, progress_bar=False)
     state = {
         "step": result.step,
-        "student": trainer.student.state_dict(),
-        "teacher": trainer.teacher.state_dict(),
-        "bank": trainer.bank.state_dict(),
-        "criterion": trainer.criterion.state_dict(),
+        "student": trainer.modules.student.state_dict(),
+        "teacher": trainer.modules.teacher.state_dict(),
+        "bank": trainer.modules.bank.state_dict(),
+        "criterion": trainer.modules.criterion.state_dict(),
     }
     torch.save(state, Path(dump_dir) / f"rank{rank}.pt")
     distributed.shutdown()

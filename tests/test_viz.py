@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,8 @@ from PIL import Image
 
 from cribo.augment import CropBox
 from cribo.cli import build_parser, main
-from cribo.models import create_backbone, export_backbone
+from cribo.hub import export_backbone
+from cribo.models import create_backbone
 from cribo.viz import (
     DROPPED_GREY,
     EDGE_COLOUR,
@@ -21,6 +23,7 @@ from cribo.viz import (
     cluster_palette,
     cross_image_neighbours,
     figure_clusters,
+    figure_curves,
     overlay_clusters,
     pca_colours,
     save_figure,
@@ -53,6 +56,24 @@ def assert_png(path: Path) -> None:
     assert path.is_file() and path.stat().st_size > 1000
     with Image.open(path) as image:
         assert image.format == "PNG" and min(image.size) > 100
+
+
+# ------------------------------------------------------------------------------------------------------- curves
+
+
+def test_training_curves_figure_and_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    history = [{"step": float(step), "d_loss": 6.0 - 0.1 * step, "r_cnt": 5.0} for step in range(5)]
+    figure = figure_curves(history)
+    assert [ax.get_title() for ax in figure.axes][:2] == ["global cross-view loss", "object cross-view loss"]
+    assert len(figure.axes[0].lines[0].get_xdata()) == 5
+    (tmp_path / "log.txt").write_text("".join(json.dumps(row) + "\n" for row in history))
+    with pytest.raises(SystemExit) as exited:
+        main(["viz", "curves", str(tmp_path)])
+    assert exited.value.code == 0 and str(tmp_path / "curves.png") in capsys.readouterr().out
+    assert_png(tmp_path / "curves.png")
+    with pytest.raises(SystemExit) as exited:
+        main(["viz", "curves", str(tmp_path / "missing")])
+    assert exited.value.code == 2 and "log.txt not found" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------------- PCA

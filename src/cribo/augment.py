@@ -16,6 +16,10 @@ rounding those make (each bound is measured in the tests): a few levels, up to 1
 colours (PIL's 8-bit HSV); the whole colour pipeline is 1.3 levels from theirs on average. No step keeps a
 per-process table.
 
+The crop sampler (:func:`random_crop_box`) and the colour changes (:func:`apply_colour_jitter`) also serve the
+evaluation transforms (``cribo.data.segmentation``), which draw from a ``torch.Generator`` through
+:class:`TorchRandom` and work on [0, 1] values (``max_value=1``).
+
 Axis letters: V views (2), N patches per view (row-major, patch row outer), S output side in pixels,
 P patch side in pixels. Positions are ``(x, y)`` in original-image pixels, where a pixel's coordinate is its
 index (column ``x``, row ``y``), not its centre.
@@ -28,6 +32,7 @@ import operator
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
@@ -72,7 +77,48 @@ CHANNEL_HUES = (0, 2, 4)
 
 NUM_VIEWS = 2
 
-# Which of v, p, q, t each of (R, G, B) takes in each hue sector of the HSV -> RGB conversion (colorsys, PIL).
+JitterStep = Literal["brightness", "contrast", "saturation", "hue"]
+JITTER_STEPS: tuple[JitterStep, ...] = ("brightness", "contrast", "saturation", "hue")  # torchvision's order
+
+
+class RandomSource(Protocol):
+    """The draws the samplers of this module make: ``random.Random`` has them, :class:`TorchRandom` adapts a
+    ``torch.Generator`` (the evaluation transforms' source) to them."""
+
+    def random(self) -> float:
+        """A float in [0, 1)."""
+        ...
+
+    def uniform(self, a: float, b: float) -> float:
+        """A float between ``a`` and ``b``."""
+        ...
+
+    def randint(self, a: int, b: int) -> int:
+        """An integer in ``a..b``, both ends included."""
+        ...
+
+
+class TorchRandom:
+    """A ``torch.Generator`` seen through ``random.Random``'s methods, one ``torch`` draw per call.
+
+    ``uniform(a, b)`` is ``a + (b - a) u`` with ``u = torch.rand((), generator)``, the formula ``random.Random``
+    uses; ``randint(a, b)`` is ``torch.randint(a, b + 1)``.
+    """
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+
+    def random(self) -> float:
+        """A float in [0, 1) from one ``torch.rand`` draw."""
+        return float(torch.rand((), generator=self.generator))
+
+    def uniform(self, a: float, b: float) -> float:
+        """A float between ``a`` and ``b`` from one ``torch.rand`` draw."""
+        return a + (b - a) * self.random()
+
+    def randint(self, a: int, b: int) -> int:
+        """An integer in ``a..b`` (both included) from one ``torch.randint`` draw."""
+        return int(torch.randint(a, b + 1, (), generator=self.generator))
 
 
 @dataclass(frozen=True)
@@ -140,20 +186,20 @@ def _patch_centre_array(boxes: Sequence[CropBox], output_size: int, patch_size: 
 
 
 def random_crop_box(
-    width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float], rng: random.Random
+    width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float], rng: RandomSource
 ) -> CropBox:
     """Draw an integer, unflipped crop box as torchvision's RandomResizedCrop does (Inception-style crop).
 
     Up to ``CROP_ATTEMPTS`` boxes of area ``U(scale)`` times the image area and log-uniform aspect ratio are
     drawn; the first that fits is placed uniformly. Otherwise the largest centred box whose aspect ratio lies
-    in ``ratio`` is used.
+    in ``ratio`` is used. A box that does not fit is rejected, so scales above 1 mostly fall back.
 
     Args:
         width: image width in pixels.
         height: image height in pixels.
         scale: range of the box area as a fraction of the image area.
         ratio: range of the box aspect ratio (width / height).
-        rng: the random source (consumed).
+        rng: the random source (consumed): a ``random.Random``, or a :class:`TorchRandom`.
 
     Returns:
         The box, with ``flipped=False``.
@@ -355,73 +401,98 @@ def colour_jitter(pixels: Tensor, rng: random.Random) -> Tensor:
     The four factors are drawn first (brightness, contrast, saturation in ``[1 - s, 1 + s]``, hue shift in
     ``[-0.1, 0.1]`` of a turn), then the four changes are applied in a random order.
     """
-    brightness = rng.uniform(1 - BRIGHTNESS, 1 + BRIGHTNESS)
-    contrast = rng.uniform(1 - CONTRAST, 1 + CONTRAST)
-    saturation = rng.uniform(1 - SATURATION, 1 + SATURATION)
-    hue = rng.uniform(-HUE, HUE)
-    order = [0, 1, 2, 3]
+    factors = (
+        rng.uniform(1 - BRIGHTNESS, 1 + BRIGHTNESS),
+        rng.uniform(1 - CONTRAST, 1 + CONTRAST),
+        rng.uniform(1 - SATURATION, 1 + SATURATION),
+        rng.uniform(-HUE, HUE),
+    )
+    order = list(range(len(JITTER_STEPS)))
     rng.shuffle(order)
-    for step in order:
-        if step == 0:
-            pixels = adjust_brightness(pixels, brightness)
-        elif step == 1:
-            pixels = adjust_contrast(pixels, contrast)
-        elif step == 2:
-            pixels = adjust_saturation(pixels, saturation)
+    return apply_colour_jitter(pixels, [(JITTER_STEPS[index], factors[index]) for index in order])
+
+
+def apply_colour_jitter(
+    pixels: Tensor, steps: Sequence[tuple[JitterStep, float]], max_value: float = MAX_LEVEL
+) -> Tensor:
+    """Apply drawn colour-jitter steps in the given order (the one jitter of pretraining and evaluation).
+
+    Args:
+        pixels: (3, S, S) float RGB image in [0, ``max_value``] (not modified).
+        steps: ``(step, factor)`` pairs: a brightness, contrast or saturation factor (1 keeps the image) or a
+            hue shift in turns.
+        max_value: the white level (255 for the views' levels, 1 for [0, 1] images).
+
+    Returns:
+        (3, S, S) float image in [0, ``max_value``]; ``pixels`` itself when ``steps`` is empty.
+    """
+    for step, factor in steps:
+        if step == "brightness":
+            pixels = adjust_brightness(pixels, factor, max_value)
+        elif step == "contrast":
+            pixels = adjust_contrast(pixels, factor, max_value)
+        elif step == "saturation":
+            pixels = adjust_saturation(pixels, factor, max_value)
+        elif step == "hue":
+            pixels = shift_hue(pixels, factor)
         else:
-            pixels = shift_hue(pixels, hue)
+            raise ValueError(f"colour-jitter step {step!r}; valid: {', '.join(JITTER_STEPS)}")
     return pixels
 
 
-def adjust_brightness(pixels: Tensor, factor: float) -> Tensor:
-    """Scale the values by ``factor`` and clip to [0, 255] (torchvision's adjust_brightness).
+def adjust_brightness(pixels: Tensor, factor: float, max_value: float = MAX_LEVEL) -> Tensor:
+    """Scale the values by ``factor`` and clip to [0, max_value] (torchvision's adjust_brightness).
 
     Args:
-        pixels: (C, S, S) float image in [0, 255].
+        pixels: (C, S, S) float image in [0, max_value].
         factor: brightness factor (1 keeps the image).
+        max_value: the white level (255 for levels, 1 for [0, 1] images).
 
     Returns:
-        (C, S, S) float image in [0, 255].
+        (C, S, S) float image in [0, max_value].
     """
-    return _clip_if_above_one(pixels.mul(factor), factor)
+    return _clip_if_above_one(pixels.mul(factor), factor, max_value)
 
 
-def adjust_contrast(pixels: Tensor, factor: float) -> Tensor:
+def adjust_contrast(pixels: Tensor, factor: float, max_value: float = MAX_LEVEL) -> Tensor:
     """Blend an RGB image with its mean luma: ``factor x + (1 - factor) mean(grey)``, clipped (torchvision).
 
     The mean luma is computed in float from the per-channel means (PIL's path first rounds the luma to 8 bits).
 
     Args:
-        pixels: (3, S, S) float RGB image in [0, 255].
+        pixels: (3, S, S) float RGB image in [0, max_value].
         factor: contrast factor (1 keeps the image, 0 gives a uniform grey).
+        max_value: the white level (255 for levels, 1 for [0, 1] images).
 
     Returns:
-        (3, S, S) float image in [0, 255].
+        (3, S, S) float image in [0, max_value].
     """
     channel_means = pixels.reshape(3, -1).mean(dim=1).tolist()
     grey_mean = pixels.new_full((), sum(weight * mean for weight, mean in zip(GREY_WEIGHTS, channel_means)))
-    return _clip_if_above_one(torch.lerp(grey_mean, pixels, factor), factor)
+    return _clip_if_above_one(torch.lerp(grey_mean, pixels, factor), factor, max_value)
 
 
-def adjust_saturation(pixels: Tensor, factor: float) -> Tensor:
+def adjust_saturation(pixels: Tensor, factor: float, max_value: float = MAX_LEVEL) -> Tensor:
     """Blend an RGB image with its luma: ``factor x + (1 - factor) grey``, clipped (torchvision's PIL/tensor ops).
 
     Args:
-        pixels: (3, S, S) float RGB image in [0, 255].
+        pixels: (3, S, S) float RGB image in [0, max_value].
         factor: saturation factor (1 keeps the image, 0 gives its grayscale version).
+        max_value: the white level (255 for levels, 1 for [0, 1] images).
 
     Returns:
-        (3, S, S) float image in [0, 255].
+        (3, S, S) float image in [0, max_value].
     """
-    return _clip_if_above_one(torch.lerp(grayscale(pixels), pixels, factor), factor)
+    return _clip_if_above_one(torch.lerp(grayscale(pixels), pixels, factor), factor, max_value)
 
 
-def _clip_if_above_one(blended: Tensor, factor: float) -> Tensor:
-    """Clip to [0, 255] ``factor x + (1 - factor) y`` (``lerp(y, x, factor)``) or ``factor x``, x, y in [0, 255].
+def _clip_if_above_one(blended: Tensor, factor: float, max_value: float) -> Tensor:
+    """Clip ``factor x + (1 - factor) y`` (``lerp(y, x, factor)``) or ``factor x`` to [0, max_value], with x, y
+    in that range.
 
     With ``0 <= factor <= 1`` the blend stays in range, so only a factor above 1 needs the (in-place) clip.
     """
-    return blended.clamp_(0.0, MAX_LEVEL) if factor > 1.0 else blended
+    return blended.clamp_(0.0, max_value) if factor > 1.0 else blended
 
 
 def grayscale(pixels: Tensor) -> Tensor:

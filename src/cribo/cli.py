@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +15,7 @@ from cribo import distributed
 
 if TYPE_CHECKING:
     from cribo.config import TrainConfig
+    from cribo.options import SubParsers
 
 logger = logging.getLogger("cribo")
 
@@ -141,7 +143,7 @@ def command_presets(args: argparse.Namespace) -> int:
 
 
 def command_export(args: argparse.Namespace) -> int:
-    from cribo.models import export_backbone, load_backbone
+    from cribo.hub import export_backbone, load_backbone
 
     backbone, info = load_backbone(args.checkpoint, which=args.which, allow_pickle=args.allow_pickle)
     path = export_backbone(backbone, Path(args.output), arch=info.arch)
@@ -156,7 +158,9 @@ def command_export(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cribo", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging, and the traceback of an error (for bug reports)"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     train_parser = commands.add_parser("train", help="pretrain a ViT with CrIBo (torchrun-ready, resumable)")
@@ -181,13 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_optional_commands(commands: Any) -> None:
-    """`eval` and `viz` sub-commands (their modules register their own flags)."""
-    from cribo.eval.cli_args import add_eval_parser
+def add_optional_commands(commands: SubParsers) -> None:
+    """`eval` and `viz` sub-commands (flags derived from their options dataclasses by `cribo.options`)."""
+    from cribo.eval.commands import add_eval_parser
+    from cribo.viz.commands import add_viz_parser
 
     add_eval_parser(commands)
-    from cribo.viz import add_viz_parser
-
     add_viz_parser(commands)
 
 
@@ -201,15 +204,36 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"wrote {result}")
             result = 0
         code = result
-    except (ValueError, FileNotFoundError) as err:
-        print(f"cribo {args.command}: error: {err}", file=sys.stderr)
-        code = 2
     except KeyboardInterrupt:
         print(f"cribo {args.command}: interrupted; checkpoint.pth holds the last saved state", file=sys.stderr)
         code = 130
-    except RuntimeError as err:
-        if type(err).__name__ != "NonFiniteLossError":
+    except (ValueError, OSError, RuntimeError) as err:
+        code = error_exit_code(err)
+        if code is None:  # not a user error: a bug, shown in full
             raise
-        print(f"cribo {args.command}: {err}", file=sys.stderr)
-        code = 3
+        if args.verbose:
+            traceback.print_exc()
+        print(f"cribo {args.command}: error: {error_line(err)}", file=sys.stderr)
     sys.exit(code)
+
+
+def error_exit_code(error: BaseException) -> int | None:
+    """The exit code of an error the user can fix, else None (a bug: shown with its traceback).
+
+    2: bad input: a ValueError (flag, file content, settings) or an OSError (a missing, unreadable or unwritable
+    file; no space left); 3: the loss became non-finite.
+    """
+    if type(error).__name__ == "NonFiniteLossError":  # by name: cribo.step is not imported before a command runs
+        return 3
+    if isinstance(error, (ValueError, OSError)):
+        return 2
+    return None
+
+
+def error_line(error: BaseException) -> str:
+    """One line for the user: ``path: reason`` for a system error, the message itself otherwise."""
+    if isinstance(error, OSError) and error.strerror:
+        reason = error.strerror[:1].lower() + error.strerror[1:]  # "No such file..." -> "no such file..."
+        return f"{error.filename}: {reason}" if error.filename is not None else reason
+    text = " ".join(str(error).split())
+    return text or type(error).__name__

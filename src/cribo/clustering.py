@@ -28,7 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "DEFAULT_CLUSTERING",
     "ClusteringResult",
+    "ClusteringSettings",
     "cluster_marginals",
     "clustering_cost",
     "draw_seeds",
@@ -56,6 +58,28 @@ ZERO_DISTANCE_FILL = 1e5
 # Added to the hard cluster counts before they become the next column marginal (authors' `update_c`).
 MARGINAL_COUNT_OFFSET = 0.01
 NUM_VIEWS = 2  # two global views per image (paper Sec. 3.1)
+
+
+@dataclass(frozen=True)
+class ClusteringSettings:
+    """The knobs of :func:`joint_space_clustering`; the defaults are the authors' (``main_cribo.py``).
+
+    Attributes:
+        sinkhorn_lambda: Sinkhorn sharpness (20 in CrIBo).
+        sinkhorn_iterations: Sinkhorn rescaling rounds (5 in CrIBo).
+        num_rounds: clustering rounds (authors' ``n_iter``, 5).
+        update_marginals: update the cluster marginal from the counts (authors' ``update_c``, True).
+        cost_normalization: "image" (paper, default) or "batch" (authors) min-max scaling of the cost.
+    """
+
+    sinkhorn_lambda: float = 20.0
+    sinkhorn_iterations: int = 5
+    num_rounds: int = 5
+    update_marginals: bool = True
+    cost_normalization: CostNormalization = "image"
+
+
+DEFAULT_CLUSTERING = ClusteringSettings()
 
 
 @dataclass
@@ -356,12 +380,8 @@ def joint_space_clustering(
     positions: Tensor,
     num_clusters: int,
     pos_alpha: float,
+    settings: ClusteringSettings = DEFAULT_CLUSTERING,
     *,
-    sinkhorn_lambda: float = 20.0,
-    sinkhorn_iterations: int = 5,
-    num_rounds: int = 5,
-    update_marginals: bool = True,
-    cost_normalization: CostNormalization = "image",
     init_index: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> ClusteringResult:
@@ -370,7 +390,8 @@ def joint_space_clustering(
     Starting from K seed tokens per image (each cluster = its seed), each of ``num_rounds`` rounds builds the
     cost :func:`clustering_cost` from the previous assignment (:func:`spatial_cost`), runs
     :func:`sinkhorn_knopp` with token marginal ``1/T`` and the current cluster marginal (``1/K`` at first),
-    takes the hard assignment, updates the marginal (counts + 0.01, normalised) and the centroids.
+    takes the hard assignment, updates the marginal (counts + 0.01, normalised) and the centroids. The
+    rounds, Sinkhorn parameters and cost scaling come from ``settings`` (:class:`ClusteringSettings`).
 
     Edge cases:
 
@@ -390,11 +411,7 @@ def joint_space_clustering(
         positions: (B, T, 2) patch-centre positions (x, y) in original-image pixels.
         num_clusters: K, at most T.
         pos_alpha: weight alpha of the spatial term.
-        sinkhorn_lambda: Sinkhorn sharpness (20 in CrIBo).
-        sinkhorn_iterations: Sinkhorn rescaling rounds (5 in CrIBo).
-        num_rounds: clustering rounds (authors' ``n_iter``, 5).
-        update_marginals: update the cluster marginal from the counts (authors' ``update_c``, True).
-        cost_normalization: "image" (paper, default) or "batch" (authors) min-max scaling of the cost.
+        settings: rounds, Sinkhorn parameters and cost scaling.
         init_index: (B, K) int64 distinct seed-token indices per image; drawn with ``generator`` when None.
         generator: random generator for the seeds (the global one when None); the seeds are drawn on its
             device and moved to the tokens' device.
@@ -403,9 +420,9 @@ def joint_space_clustering(
         :class:`ClusteringResult` with the per-view normalised assignment, the cluster of each token and the
         last Sinkhorn cost.
     """
-    _check_inputs(tokens, positions, num_clusters, cost_normalization)
-    if num_rounds < 1:
-        raise ValueError(f"num_rounds must be >= 1, got {num_rounds}")
+    _check_inputs(tokens, positions, num_clusters, settings.cost_normalization)
+    if settings.num_rounds < 1:
+        raise ValueError(f"num_rounds must be >= 1, got {settings.num_rounds}")
     batch, num_tokens, _ = tokens.shape
     if init_index is None:
         # Seeds are drawn where the generator lives, so a CPU generator gives the same seeds on any device.
@@ -416,14 +433,14 @@ def joint_space_clustering(
         features, masked, members, centroids = _initial_state(tokens, positions, init_index)
         row_marginal = features.new_ones(batch, num_tokens, 1) / num_tokens
         col_marginal = features.new_ones(batch, 1, num_clusters) / num_clusters
-        for _ in range(num_rounds):
+        for _ in range(settings.num_rounds):
             spatial = _fill_and_scale(_nearest_nonzero_member(masked, members, num_clusters))
-            cost = clustering_cost(features, centroids, spatial, pos_alpha, cost_normalization)
+            cost = clustering_cost(features, centroids, spatial, pos_alpha, settings.cost_normalization)
             plan, transport_cost = sinkhorn_knopp(
-                cost, row_marginal, col_marginal, sinkhorn_lambda, sinkhorn_iterations
+                cost, row_marginal, col_marginal, settings.sinkhorn_lambda, settings.sinkhorn_iterations
             )
             members = hard_assignment(plan)
-            if update_marginals:
+            if settings.update_marginals:
                 col_marginal = cluster_marginals(members, num_clusters, features.dtype)
             centroids = update_centroids(features, members, num_clusters)
         assignment = normalize_per_view(members, num_clusters, features.dtype)

@@ -14,14 +14,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import types
+import os
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal
 
 import yaml
+
+from cribo.options import coerce
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +45,11 @@ class ModelConfig:
     norm_last_layer: bool = False  # freeze the weight-norm gain of the student's last layers
     use_bn_in_head: bool = False
     drop_path_rate: float = 0.1  # stochastic depth (authors' default)
+    # Start student and teacher from these weights instead of a random init (post-training): any file `cribo eval`
+    # reads (a cribo or the authors' checkpoint: its teacher; a DINO-style state dict; a .safetensors export) or
+    # random:<arch>@<seed> / timm:<name>@<seed>. Heads (and centres) are loaded where the file has them.
+    init: str = ""
+    frozen_blocks: int = 0  # freeze the student's patch embedding and first N blocks (post-training; 0 = none)
 
 
 @dataclass(frozen=True)
@@ -102,6 +109,7 @@ class OptimConfig:
     weight_decay_end: float = 0.4
     momentum_teacher: float = 0.996
     clip_grad: float = 0.0  # max gradient norm; 0 disables clipping
+    backbone_lr_scale: float = 1.0  # the backbone's lr is lr x this (heads: lr); post-training uses < 1
     freeze_last_layer: int = 1  # epochs during which the last layers get no update
     optimizer: Literal["adamw"] = "adamw"
 
@@ -158,43 +166,6 @@ def to_dict(config: TrainConfig) -> dict[str, dict[str, Any]]:
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """Convert a YAML/JSON/CLI value to the field's declared type, or raise a ValueError naming ``where``."""
-    origin = get_origin(hint)
-    if origin is Literal:
-        choices = get_args(hint)
-        if value not in choices:
-            raise ValueError(f"{where}: {value!r} is not one of {list(choices)}")
-        return value
-    if origin is tuple:
-        items = value.split(",") if isinstance(value, str) else value
-        if not isinstance(items, (list, tuple)) or len(items) != len(get_args(hint)):
-            raise ValueError(f"{where}: expected {len(get_args(hint))} values, got {value!r}")
-        return tuple(_coerce(v, t, where) for v, t in zip(items, get_args(hint)))
-    if origin in (Union, types.UnionType):
-        return value
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
-            return value.lower() in ("true", "1", "yes")
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        raise ValueError(f"{where}: expected true/false, got {value!r}")
-    try:
-        if hint is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        if hint is float:
-            return float(value)
-        if hint is str:
-            return str(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: expected {hint.__name__}, got {value!r}") from None
-    return value
-
-
 def apply_overrides(config: TrainConfig, overrides: dict[str, Any], source: str) -> TrainConfig:
     """Return ``config`` with ``overrides`` applied.
 
@@ -222,7 +193,7 @@ def apply_overrides(config: TrainConfig, overrides: dict[str, Any], source: str)
     sections = {s: getattr(config, s) for s in SECTIONS}
     for name, value in flat.items():
         section, hint = index[name]
-        coerced = _coerce(value, hint, f"{source}: {section}.{name}")
+        coerced = coerce(value, hint, f"{source}: {section}.{name}")
         sections[section] = dataclasses.replace(sections[section], **{name: coerced})
     return TrainConfig(**sections)
 
@@ -233,13 +204,33 @@ def preset_names() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def load_yaml(path: Path | str) -> dict[str, Any]:
-    """Read a YAML mapping, with an error naming the file when it is not one."""
-    text = Path(path).read_text()
-    data = yaml.safe_load(text) or {}
+def load_yaml(path: Path | str, flag: str = "--config") -> dict[str, Any]:
+    """Read a YAML mapping, with an error naming ``flag`` and the file when it is missing, unreadable, not YAML or
+    not a mapping."""
+    if not Path(path).exists():
+        raise ValueError(f"{flag} {path}: no such file; pass the path of a YAML config file")
+    if not Path(path).is_file():  # a folder, or a FIFO or device that reading would block on
+        raise ValueError(f"{flag} {path}: not a regular file; pass the path of a YAML config file")
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise ValueError(f"{flag} {path}: cannot read the file ({reason})") from err
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{flag} {path}: not valid YAML ({_yaml_problem(err)})") from err
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of config sections, got {type(data).__name__}")
+        raise ValueError(f"{flag} {path}: expected a mapping of config sections, got {type(data).__name__}")
     return data
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """Where and what: 'line 3, column 5: mapping values are not allowed here'."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}"
 
 
 def load_preset(name: str) -> dict[str, Any]:
@@ -273,7 +264,6 @@ AUTHORS_INERT_KEYS: dict[str, str] = {
     "rank": "read from the launcher's environment",
     "world_size": "read from the launcher's environment",
     "gpu": "read from the launcher's environment",
-    "start_checkpoint_path": "resume from output_dir/checkpoint.pth instead",
 }
 
 
@@ -296,6 +286,10 @@ def from_authors_args(args: dict[str, Any]) -> tuple[dict[str, Any], list[str], 
             inert.append(f"{key}={value!r}: {AUTHORS_INERT_KEYS[key]}")
         elif key == "output_dir":
             continue  # a path on the authors' machines
+        elif key == "start_checkpoint_path":
+            if value:
+                overrides["init"] = value
+                inert.append(f"{key}={value!r}: used as --init (weights, heads, centres; not the optimiser state)")
         elif key in index:
             overrides[key] = value
         else:
@@ -305,6 +299,8 @@ def from_authors_args(args: dict[str, Any]) -> tuple[dict[str, Any], list[str], 
 
 def load_args_json(path: Path | str) -> dict[str, Any]:
     """Read an authors' args JSON (a flat mapping); errors name the file."""
+    if not Path(path).is_file():  # missing, a folder, or a FIFO or device that reading would block on
+        raise ValueError(f"--args-json {path}: no such file (or not a regular file)")
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -325,7 +321,7 @@ def resolve(
     if preset:
         config = apply_overrides(config, load_preset(preset), f"preset {preset!r}")
     if config_file:
-        config = apply_overrides(config, load_yaml(config_file), str(config_file))
+        config = apply_overrides(config, load_yaml(config_file), f"--config {config_file}")
     if args_json:
         translated, inert, unknown = from_authors_args(load_args_json(args_json))
         for line in inert:
@@ -341,8 +337,15 @@ def resolve(
 
 def validate(config: TrainConfig) -> None:
     """Cross-field checks, with errors naming the flag and the valid range."""
+    if config.model.patch_size <= 0:  # checked first: the checks below divide by it
+        raise ValueError(f"--patch_size must be positive, got {config.model.patch_size}")
+    run = config.run
     checks = [
-        (config.model.patch_size > 0, "--patch_size must be positive"),
+        (
+            config.data.image_size >= config.model.patch_size,
+            f"--image_size must be a positive multiple of --patch_size {config.model.patch_size}, got "
+            f"{config.data.image_size}",
+        ),
         (config.data.image_size % config.model.patch_size == 0, "--image_size must be a multiple of --patch_size"),
         (config.method.n_tokens >= 1, "--n_tokens must be at least 1"),
         (
@@ -352,11 +355,23 @@ def validate(config: TrainConfig) -> None:
         (config.method.queue_size >= 1, "--queue_size must be at least 1"),
         (config.optim.batch_size_per_gpu >= 1, "--batch_size_per_gpu must be at least 1"),
         (config.optim.epochs >= 1, "--epochs must be at least 1"),
+        (config.optim.lr >= 0, f"--lr must not be negative, got {config.optim.lr}"),
+        (config.optim.min_lr >= 0, f"--min_lr must not be negative, got {config.optim.min_lr}"),
         (
             0.0 < config.data.global_crops_scale[0] <= config.data.global_crops_scale[1] <= 1.0,
             "--global_crops_scale must satisfy 0 < min <= max <= 1",
         ),
         (0.0 <= config.optim.momentum_teacher <= 1.0, "--momentum_teacher must lie in [0, 1]"),
+        (config.model.frozen_blocks >= 0, "--frozen_blocks must be 0 (none) or a positive number of blocks"),
+        (config.optim.backbone_lr_scale > 0, "--backbone_lr_scale must be positive"),
+        (config.model.depth >= 0, "--depth must be 0 (the architecture's own depth) or a positive number of blocks"),
+        (min(config.model.out_dim, config.model.out_dim_c) >= 1, "--out_dim and --out_dim_c must be at least 1"),
+        (config.data.num_workers >= 0, "--num_workers must be 0 (load in the main process) or more"),
+        (run.log_every >= 1, "--log_every must be at least 1 (a log line every N steps)"),
+        (
+            min(run.checkpoint_every, run.saveckp_freq, run.max_steps) >= 0,
+            "--checkpoint_every, --saveckp_freq and --max_steps must be 0 (off) or positive",
+        ),
     ]
     for ok, message in checks:
         if not ok:
@@ -365,9 +380,12 @@ def validate(config: TrainConfig) -> None:
 
 def save(config: TrainConfig, path: Path) -> None:
     """Write the resolved configuration as YAML (atomically)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # the temp-file name cribo.checkpoint cleans up
+    try:
+        tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def from_dict(data: dict[str, Any]) -> TrainConfig:

@@ -21,12 +21,17 @@ when they fit a budget, the student's logits:
 Column blocks keep every product a wide GEMM over all rows (about 170 GFLOP/s on 2 cores, against 65 for the
 32-row chunks a row-wise softmax would need) and every temporary small enough for malloc to reuse.
 
+On top of these, one training step's pieces: :class:`TargetBuilder` computes the step's three teacher targets
+(:class:`StepTargets`) in a workspace it owns and reuses, and returns the centre statistics for the caller to
+apply; :func:`student_terms` computes the three student terms from them.
+
 The logits are ``s = scale * (h @ v.T) * g / ||v||_row``: ``h`` the L2-normalised bottleneck features, ``v`` and
 ``g`` the layer's ``weight_v`` and ``weight_g`` (:class:`cribo.models.WeightNormLinear`), ``scale`` the inverse
 temperature. :mod:`cribo.losses` keeps the plain formulation on logits (checked against the authors' fixtures);
 the tests check that this module gives the same values and gradients.
 
-Axis letters: R student rows, J entries of one target, C outputs, d bottleneck width.
+Axis letters: R student rows, J entries of one target, C outputs, d bottleneck width, V = 2 views, B images,
+n objects per view.
 """
 
 from __future__ import annotations
@@ -39,6 +44,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from cribo.losses import NUM_VIEWS, CenterStatistics
+from cribo.matching import CrossImageEntries
+
 # One block of float32 logits (all rows x some columns). On a CPU small enough to stay in cache and be reused by
 # malloc (no fresh mmap and page faults); on an accelerator larger, to launch fewer kernels.
 BLOCK_BYTES = {"cpu": 2 * 2**20}
@@ -47,6 +55,7 @@ MIN_BLOCK_COLUMNS = 16
 # The student's (R, C) float32 logits are kept from the forward for the backward when they fit in this many bytes
 # (one matrix product fewer: a quarter of the fused student work), and recomputed block by block when larger.
 STORE_LOGITS_BYTES = 512 * 2**20
+WORKSPACE_HEADROOM = 1.25  # the targets' workspace grows by this factor, so that a slightly larger step fits
 
 
 def default_block_bytes(device: torch.device) -> int:
@@ -367,3 +376,164 @@ def soft_cross_entropy_terms(
             store_bytes,
         )
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One step's targets and terms
+
+
+def flip_views(rows: Tensor) -> Tensor:
+    """``(V*R, ...)`` view-major rows -> the same rows with the two views swapped (row j becomes the other view's j)."""
+    return rows.unflatten(0, (NUM_VIEWS, -1)).flip(0).flatten(0, 1)
+
+
+@dataclass
+class StepTargets:
+    """The teacher's targets of one step for :func:`student_terms`.
+
+    ``global_`` and ``objects`` hold one entry per student row (the other view's teacher distribution, weight
+    ``1 / (2R)``); ``neighbours`` one entry per cycle-consistent retrieval (none when the term is off).
+    """
+
+    global_: SoftTarget
+    objects: SoftTarget
+    neighbours: SoftTarget
+
+
+def cross_view_target(probs: Tensor) -> SoftTarget:
+    """:class:`SoftTarget` of the cross-view term from ``(V*R, C)`` targets already in student-row order."""
+    count = probs.shape[0]
+    rows = torch.arange(count, device=probs.device)
+    return SoftTarget(probs, rows, torch.full((count,), 1.0 / max(count, 1), device=probs.device))
+
+
+def student_terms(
+    global_features: Tensor,
+    object_features: Tensor,
+    last_layers: tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]],
+    targets: StepTargets,
+    temperatures: tuple[float, float],
+    compute_dtype: torch.dtype = torch.float32,
+) -> dict[str, Tensor]:
+    """The three terms from the student's bottleneck features, through the fused last layers.
+
+    Equal to :meth:`cribo.losses.CrIBoLoss.forward` on the logits ``last_layer(features)`` (tested), without
+    forming them.
+
+    Args:
+        global_features: ``(V*B, d)`` student [CLS] bottleneck features, view-major.
+        object_features: ``(V*n, d)`` student object bottleneck features, view-major.
+        last_layers: ``(weight_v, weight_g)`` of the student's global and object last layers.
+        targets: from :class:`TargetBuilder`.
+        temperatures: student temperatures of the [CLS] term and of the object terms.
+        compute_dtype: dtype of the last layers' matrix products.
+
+    Returns:
+        ``global``, ``object`` and ``cross_image`` ``()`` tensors.
+    """
+    (last_layer, last_layer_c), (student_temp, student_temp_c) = last_layers, temperatures
+    (global_loss,) = soft_cross_entropy_terms(
+        global_features, *last_layer, 1.0 / student_temp, [targets.global_], compute_dtype=compute_dtype
+    )
+    object_loss, image_loss = soft_cross_entropy_terms(
+        object_features,
+        *last_layer_c,
+        1.0 / student_temp_c,
+        [targets.objects, targets.neighbours],
+        compute_dtype=compute_dtype,
+    )
+    return {"global": global_loss, "object": object_loss, "cross_image": image_loss}
+
+
+@dataclass(frozen=True)
+class TeacherFeatures:
+    """The teacher's head bottleneck features of one step (L2-normalised rows), view-major.
+
+    Attributes:
+        global_: ``(V*B, d)`` of the [CLS] tokens.
+        objects: ``(V*n, d)`` of the objects.
+        neighbours: ``(J, d)`` of the retrieved neighbours the cross-image entries use (``J = 0`` when the term is
+            off).
+    """
+
+    global_: Tensor
+    objects: Tensor
+    neighbours: Tensor
+
+
+class TargetBuilder:
+    """Builds one step's teacher targets through the fused last layers, in a workspace it owns.
+
+    The targets are over 100 MB a step at the paper's sizes; one allocation reused between steps spares the CPU a
+    fresh ``mmap`` and its page faults at every step. The workspace grows (with 25 % headroom) when a step has
+    more objects than any before, and is never saved. The targets returned by a call are views into it: use them
+    (the student's forward and backward) before the next call.
+    """
+
+    def __init__(self) -> None:
+        self._workspace: Tensor | None = None
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        features: TeacherFeatures,
+        last_layers: tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]],
+        centers: tuple[Tensor, Tensor],
+        temperatures: tuple[float, float],
+        entries: CrossImageEntries,
+        compute_dtype: torch.dtype = torch.float32,
+    ) -> tuple[StepTargets, CenterStatistics]:
+        """The three targets and the statistics the centres move with (the caller moves them, after this step).
+
+        Same targets and centre statistics as :meth:`cribo.losses.CrIBoLoss.forward` (tested), without forming the
+        teacher's logits.
+
+        Args:
+            features: the teacher's bottleneck features.
+            last_layers: ``(weight_v, weight_g)`` of the teacher's global and object last layers.
+            centers: the current ``(1, C)`` global and ``(1, Cc)`` object centres.
+            temperatures: teacher temperatures of the [CLS] and of the object terms.
+            entries: the cross-image entries ``features.neighbours`` belong to (none used when it has no row).
+            compute_dtype: dtype of the matrix products.
+        """
+        (layer, layer_c), (center, center_c), (temp, temp_c) = last_layers, centers, temperatures
+        inputs = (  # features in student-row order, last layer, centre, temperature, centre statistic wanted
+            (flip_views(features.global_), layer, center, temp, True),
+            (flip_views(features.objects), layer_c, center_c, temp_c, True),
+            (features.neighbours, layer_c, center_c, temp_c, False),
+        )
+        shapes = [(x.shape[0], c.shape[1]) for x, _, c, _, _ in inputs]
+        buffers = self._buffers(shapes, features.global_.device)
+        (global_probs, global_sum), (object_probs, object_sum), (neighbour_probs, _) = (
+            teacher_targets(x, *weights, c, t, compute_dtype=compute_dtype, column_sums=sums, out=out)
+            for (x, weights, c, t, sums), out in zip(inputs, buffers, strict=True)
+        )
+        rows, weights = entries.rows, entries.weights
+        if rows.shape[0] != features.neighbours.shape[0]:
+            if features.neighbours.shape[0]:
+                raise ValueError(
+                    f"features.neighbours must have one row per cross-image entry ({rows.shape[0]}) or none, "
+                    f"got {features.neighbours.shape[0]}"
+                )
+            rows, weights = rows[:0], weights[:0]
+        assert global_sum is not None and object_sum is not None
+        targets = StepTargets(
+            global_=cross_view_target(global_probs),
+            objects=cross_view_target(object_probs),
+            neighbours=SoftTarget(neighbour_probs, rows, weights.to(neighbour_probs.device)),
+        )
+        # Neighbours never enter the object centre (authors' CrIBoLoss).
+        statistics = CenterStatistics(global_sum, features.global_.shape[0], object_sum, features.objects.shape[0])
+        return targets, statistics
+
+    def _buffers(self, shapes: list[tuple[int, int]], device: torch.device) -> list[Tensor]:
+        """Views of the workspace for targets of the given ``(rows, columns)`` shapes."""
+        sizes = [rows * columns for rows, columns in shapes]
+        workspace = self._workspace
+        if workspace is None or workspace.numel() < sum(sizes) or workspace.device != device:
+            self._workspace = workspace = torch.empty(int(sum(sizes) * WORKSPACE_HEADROOM) + 1, device=device)
+        views, offset = [], 0
+        for (rows, columns), size in zip(shapes, sizes, strict=True):
+            views.append(workspace[offset : offset + size].view(rows, columns))
+            offset += size
+        return views

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cribo.distributed import all_reduce_sum
-from cribo.fused import SoftTarget, soft_cross_entropy_terms, teacher_targets
 
 CrossImageNormalization = Literal["per_view", "view1"]
 CROSS_IMAGE_NORMALIZATIONS: tuple[str, ...] = get_args(CrossImageNormalization)
@@ -126,104 +125,21 @@ def cross_image_loss(
     return torch.where(view1_count > 0, loss, loss * 0)
 
 
-def cross_image_entries(cycle_mask: Tensor, normalization: CrossImageNormalization) -> tuple[Tensor, Tensor, Tensor]:
-    """The cross-image term as a list of entries, in the order of the student rows they supervise.
+@dataclass(frozen=True)
+class CenterStatistics:
+    """What a step contributes to the two centres: column sums of the teacher's raw outputs and their row counts.
 
-    The neighbour retrieved by view-v object i supervises student row ``(1 - v) * n + i`` where ``cycle_mask[v, i]``
-    (the row layout of :func:`cross_image_loss`); the weights reproduce its normalisation exactly.
-
-    Args:
-        cycle_mask: ``(V, n)`` bool.
-        normalization: ``"per_view"`` (entry of view v weighs ``1 / (2 Z_v)``) or ``"view1"`` (every entry weighs
-            ``1 / (2 Z_1)``, and 0 when ``Z_1 = 0``).
-
-    Returns:
-        ``(J,)`` int64 flat neighbour index ``v * n + i``, ``(J,)`` int64 student row (ascending), ``(J,)`` float32
-        weights; ``J`` is the number of cycle-consistent retrievals.
-    """
-    if normalization not in CROSS_IMAGE_NORMALIZATIONS:
-        raise ValueError(f"normalization must be one of {CROSS_IMAGE_NORMALIZATIONS}, got {normalization!r}")
-    if cycle_mask.dtype != torch.bool or cycle_mask.ndim != 2 or cycle_mask.shape[0] != NUM_VIEWS:
-        raise ValueError(f"cycle_mask must be a bool (2, n) tensor, got {cycle_mask.dtype} {tuple(cycle_mask.shape)}")
-    n = cycle_mask.shape[1]
-    counts = cycle_mask.sum(dim=1).float()  # (V,)
-    if normalization == "per_view":
-        view_weight = 1.0 / (NUM_VIEWS * counts.clamp(min=1))
-    else:
-        view_weight = torch.where(counts[0] > 0, 1.0 / (NUM_VIEWS * counts[0].clamp(min=1)), 0.0).expand(NUM_VIEWS)
-    order, rows, weights = [], [], []
-    for student_view in range(NUM_VIEWS):  # student view 0 is supervised by view-1 neighbours and vice versa
-        source = NUM_VIEWS - 1 - student_view
-        index = cycle_mask[source].nonzero().view(-1)
-        order.append(source * n + index)
-        rows.append(student_view * n + index)
-        weights.append(view_weight[source].expand(index.shape[0]))
-    return torch.cat(order), torch.cat(rows), torch.cat(weights).float()
-
-
-def flip_views(rows: Tensor) -> Tensor:
-    """``(V*R, ...)`` view-major rows -> the same rows with the two views swapped (row j becomes the other view's j)."""
-    return rows.unflatten(0, (NUM_VIEWS, -1)).flip(0).flatten(0, 1)
-
-
-@dataclass
-class StepTargets:
-    """The teacher's targets of one step for :func:`student_terms`.
-
-    ``global_`` and ``objects`` hold one entry per student row (the other view's teacher distribution, weight
-    ``1 / (2R)``); ``neighbours`` one entry per cycle-consistent retrieval (none when the term is off).
+    Attributes:
+        global_sum: ``(C,)`` column sum of the teacher's [CLS] outputs of this process.
+        global_rows: number of those rows (``V*B``).
+        object_sum: ``(Cc,)`` column sum of the teacher's object outputs (neighbours excluded).
+        object_rows: number of those rows (``V*n``).
     """
 
-    global_: SoftTarget
-    objects: SoftTarget
-    neighbours: SoftTarget
-
-
-def cross_view_target(probs: Tensor) -> SoftTarget:
-    """:class:`SoftTarget` of the cross-view term from ``(V*R, C)`` targets already in student-row order."""
-    count = probs.shape[0]
-    rows = torch.arange(count, device=probs.device)
-    return SoftTarget(probs, rows, torch.full((count,), 1.0 / max(count, 1), device=probs.device))
-
-
-def student_terms(
-    global_features: Tensor,
-    object_features: Tensor,
-    last_layer: tuple[Tensor, Tensor],
-    last_layer_c: tuple[Tensor, Tensor],
-    targets: StepTargets,
-    student_temp: float,
-    student_temp_c: float,
-    compute_dtype: torch.dtype = torch.float32,
-) -> dict[str, Tensor]:
-    """The three terms from the student's bottleneck features, through the fused last layers (:mod:`cribo.fused`).
-
-    Equal to :meth:`CrIBoLoss.forward` on the logits ``last_layer(features)`` (tested), without forming them.
-
-    Args:
-        global_features: ``(V*B, d)`` student [CLS] bottleneck features, view-major.
-        object_features: ``(V*n, d)`` student object bottleneck features, view-major.
-        last_layer: ``(weight_v, weight_g)`` of the student's global last layer.
-        last_layer_c: ``(weight_v, weight_g)`` of its object last layer.
-        targets: from :meth:`CrIBoLoss.targets`.
-        student_temp: student temperature of the [CLS] term.
-        student_temp_c: student temperature of the object terms.
-        compute_dtype: dtype of the last layers' matrix products.
-
-    Returns:
-        ``global``, ``object`` and ``cross_image`` ``()`` tensors.
-    """
-    (global_loss,) = soft_cross_entropy_terms(
-        global_features, *last_layer, 1.0 / student_temp, [targets.global_], compute_dtype=compute_dtype
-    )
-    object_loss, image_loss = soft_cross_entropy_terms(
-        object_features,
-        *last_layer_c,
-        1.0 / student_temp_c,
-        [targets.objects, targets.neighbours],
-        compute_dtype=compute_dtype,
-    )
-    return {"global": global_loss, "object": object_loss, "cross_image": image_loss}
+    global_sum: Tensor
+    global_rows: int
+    object_sum: Tensor
+    object_rows: int
 
 
 class Center(nn.Module):
@@ -310,7 +226,6 @@ class CrIBoLoss(nn.Module):
         self.cross_image_normalization: CrossImageNormalization = cross_image_normalization
         self.center = Center(out_dim, center_momentum)
         self.center_c = Center(out_dim_c, center_momentum_c)
-        self._workspace: Tensor | None = None  # target buffers reused between steps (see _target_buffers)
 
     def forward(
         self,
@@ -374,81 +289,10 @@ class CrIBoLoss(nn.Module):
         }
 
     @torch.no_grad()
-    def targets(
-        self,
-        global_features: Tensor,
-        object_features: Tensor,
-        neighbour_features: Tensor,
-        cycle_mask: Tensor,
-        last_layer: tuple[Tensor, Tensor],
-        last_layer_c: tuple[Tensor, Tensor],
-        teacher_temp: float,
-        teacher_temp_c: float,
-        compute_dtype: torch.dtype = torch.float32,
-    ) -> StepTargets:
-        """The teacher's side of the three terms from its bottleneck features, then the centre updates.
-
-        Same targets and centre updates as :meth:`forward` (tested), computed by :func:`cribo.fused.teacher_targets`
-        without forming the teacher's logits. The targets live in a workspace that the next call overwrites: use
-        them (the student's forward and backward) before calling again.
-
-        Args:
-            global_features: ``(V*B, d)`` teacher [CLS] bottleneck features, view-major.
-            object_features: ``(V*n, d)`` teacher object bottleneck features, view-major.
-            neighbour_features: ``(J, d)`` bottleneck features of the retrieved neighbours listed by
-                :func:`cross_image_entries` (``J = 0`` when the cross-image term is off).
-            cycle_mask: ``(V, n)`` bool, the retrievals the entries came from.
-            last_layer: ``(weight_v, weight_g)`` of the teacher's global last layer.
-            last_layer_c: ``(weight_v, weight_g)`` of its object last layer.
-            teacher_temp: teacher temperature of the [CLS] term.
-            teacher_temp_c: teacher temperature of the object terms.
-            compute_dtype: dtype of the matrix products.
-        """
-        inputs = (  # features in student-row order, last layer, centre, temperature, centre statistic wanted
-            (flip_views(global_features), last_layer, self.center.center, teacher_temp, True),
-            (flip_views(object_features), last_layer_c, self.center_c.center, teacher_temp_c, True),
-            (neighbour_features, last_layer_c, self.center_c.center, teacher_temp_c, False),
-        )
-        shapes = [(x.shape[0], center.shape[1]) for x, _, center, _, _ in inputs]
-        buffers = self._target_buffers(shapes, global_features.device)
-        (global_probs, global_sum), (object_probs, object_sum), (neighbour_probs, _) = (
-            teacher_targets(x, *layer, center, t, compute_dtype=compute_dtype, column_sums=sums, out=out)
-            for (x, layer, center, t, sums), out in zip(inputs, buffers, strict=True)
-        )
-        _, rows, weights = cross_image_entries(cycle_mask, self.cross_image_normalization)
-        if rows.shape[0] != neighbour_features.shape[0]:
-            if neighbour_features.shape[0]:
-                raise ValueError(
-                    f"neighbour_features must have one row per cycle-consistent retrieval ({rows.shape[0]}) or none, "
-                    f"got {neighbour_features.shape[0]}"
-                )
-            rows, weights = rows[:0], weights[:0]
-        assert global_sum is not None and object_sum is not None
-        # The centres move only after all three targets used the old ones; neighbours never enter center_c.
-        self.center.update_from_sum(global_sum, global_features.shape[0])
-        self.center_c.update_from_sum(object_sum, object_features.shape[0])
-        return StepTargets(
-            global_=cross_view_target(global_probs),
-            objects=cross_view_target(object_probs),
-            neighbours=SoftTarget(neighbour_probs, rows, weights.to(neighbour_probs.device)),
-        )
-
-    def _target_buffers(self, shapes: list[tuple[int, int]], device: torch.device) -> list[Tensor]:
-        """Views of one workspace kept between steps for the targets of :meth:`targets`.
-
-        The targets are over 100 MB a step at the paper's sizes; reusing one allocation spares the CPU a fresh
-        ``mmap`` and its page faults at every step. The workspace grows (with 25 % headroom) when a step has more
-        objects than any before, and is not part of the state dict.
-        """
-        sizes = [rows * columns for rows, columns in shapes]
-        workspace = self._workspace
-        if workspace is None or workspace.numel() < sum(sizes) or workspace.device != device:
-            self._workspace = workspace = torch.empty(int(sum(sizes) * 1.25) + 1, device=device)
-        views, offset = [], 0
-        for (rows, columns), size in zip(shapes, sizes, strict=True):
-            views.append(workspace[offset : offset + size].view(rows, columns))
-            offset += size
-        return views
+    def update_centers(self, statistics: CenterStatistics) -> None:
+        """Move both centres with a step's teacher statistics (after the step's targets used the old centres)."""
+        self.center.update_from_sum(statistics.global_sum, statistics.global_rows)
+        self.center_c.update_from_sum(statistics.object_sum, statistics.object_rows)
 
     def _check_inputs(
         self,

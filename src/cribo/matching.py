@@ -1,423 +1,84 @@
-"""Cross-image object matching: exact cosine nearest neighbours in the memory bank and cycle consistency.
+"""Cross-image object matching: nearest neighbours in the memory bank, cycle consistency, the resulting entries.
 
-CrIBo (ICLR 2024, §3.3): every teacher object of view ``v`` retrieves its cosine nearest
-neighbour among the stored view-``v`` objects of past images; the match is kept only if it is
-*cycle-consistent*: the stored view-``1-v`` entry of the retrieved slot, used as a query
-against the current batch's view-``1-v`` objects, must return the object we started from
-(authors' ``get_nn_centroids``, with ``normalized_matching``).
+CrIBo (ICLR 2024, §3.3): every teacher object of view ``v`` retrieves its cosine nearest neighbour among the
+stored view-``v`` objects of past images; the match is kept only if it is *cycle-consistent*: the stored
+view-``1-v`` entry of the retrieved slot, used as a query against the current batch's view-``1-v`` objects, must
+return the object we started from (authors' ``get_nn_centroids``, with ``normalized_matching``). Each kept match
+becomes one entry of the cross-image loss: the neighbour retrieved by view-``v`` object ``i`` supervises the
+student's object ``i`` of the other view, with the weight of the loss's normalisation (:func:`cross_image_entries`).
 
-:func:`nearest_neighbours` is an exact search in float32 that never builds the full ``n x M``
-similarity matrix nor a normalised copy of the keys: it walks over chunks of keys with a
-running max/argmax (first index wins on ties, as ``argmax``/``topk``). On CPU it screens the
-keys with a bfloat16 matrix product first and rescores the few keys that can still be the
-float32 maximum (see :func:`screening_margin`): the result is the one of the float32 search
-(same indices; similarities within float32 rounding), 2 to 2.5 times faster. The screen runs in
-two passes: pass 1 multiplies every chunk of keys with all queries and keeps only the maximum
-of each block of ``SCREEN_BLOCK`` keys (and of each group of blocks); pass 2 rescores the
-screen's best block of each query, which sets the threshold, then the blocks that reach it.
-:func:`match_objects` screens with the bank's bfloat16 unit keys
-(:meth:`ObjectMemoryBank.screen_keys`), so no step normalises or converts the whole bank. The
-bound assumes what oneDNN documents for bfloat16 matmuls on CPU (float32 accumulation, one final
-rounding); ``tests/test_matching.py`` checks it on the machine that runs the tests. Other devices
-use the plain float32 search.
+The search itself is :func:`cribo.search.nearest_neighbours` (exact; bfloat16-screened on CPU).
 
-Ties go to the smallest flat slot index of the bank, not to the authors' newest-first queue order;
-they need two stored objects with exactly the same direction, which real features do not give.
+Ties go to the smallest flat slot index of the bank, not to the authors' newest-first queue order; they need two
+stored objects with exactly the same direction, which real features do not give.
 
-Axis letters: V views, n query objects (the current batch, all images), M keys (bank slots),
-D dim, c keys in a chunk, G groups of blocks, P candidate (block or group, query) pairs.
+Axis letters: V views, n objects of the current batch (all images), D dim, J entries (cycle-consistent matches).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal, get_args
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from cribo.memory import NORMALIZE_EPS, ObjectMemoryBank, normalize_to_bfloat16
+from cribo.losses import CROSS_IMAGE_NORMALIZATIONS, NUM_VIEWS, CrossImageNormalization
+from cribo.memory import ObjectMemoryBank
+from cribo.search import BankKeys, Screening, nearest_neighbours, use_screening
 
-__all__ = ["CrossImageMatches", "match_objects", "nearest_neighbours", "screening_margin"]
-
-Screening = Literal["auto", "bf16", "none"]
-SCREENING_CHOICES: tuple[str, ...] = get_args(Screening)
-
-# Unit roundoffs of round-to-nearest bfloat16 (8 significant bits) and float32 (24 bits).
-BF16_UNIT_ROUNDOFF = 2.0**-8
-FP32_UNIT_ROUNDOFF = 2.0**-24
-# Allowance for float32 normalisation differences between the screen and the reference
-# (a few float32 ulps in practice; bounded generously).
-NORMALIZATION_SLACK = 1e-4
-# "auto" screens only when there are at least this many keys (below, the overhead dominates).
-MIN_KEYS_TO_SCREEN = 16384
-# Keys per block whose screened maximum is kept for the whole search (pass 1); a candidate block's keys
-# are all rescored (pass 2). The block maxima take 2 * n / SCREEN_BLOCK bytes per key.
-SCREEN_BLOCK = 16
-# Blocks per group: pass 2 looks for candidate blocks only in the groups whose screened maximum reaches the
-# threshold (chunks are rounded up to whole groups).
-SCREEN_GROUP = 32
-# Rescoring one key of a candidate block (a gathered row) costs about as much as this many float32
-# GEMM entries; a group with more candidate keys than (keys * queries) / ratio is rescored by a GEMM.
-RESCORE_COST_RATIO = 32
-# Candidate blocks rescored at once (the gathered keys take SCREEN_BLOCK * 4 * D bytes per block).
-RESCORE_BATCH = 256
-# (block, query) screened maxima compared with the threshold at once in pass 2 (bounds its temporaries).
-CANDIDATE_BATCH = 1 << 20
+__all__ = ["CrossImageEntries", "CrossImageMatches", "cross_image_entries", "match_objects"]
 
 
-@torch.no_grad()
-def nearest_neighbours(
-    queries: Tensor,
-    keys: Tensor,
-    key_mask: Tensor | None = None,
-    chunk_size: int = 8192,
-    normalize_keys: bool = True,
-    *,
-    screening: Screening = "auto",
-    screen_keys: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Exact cosine nearest neighbour of each query among the valid keys, chunked over keys.
+@dataclass(frozen=True)
+class CrossImageEntries:
+    """The cross-image loss term as a list of ``J`` entries, in the order of the student rows they supervise.
 
-    ``index[i] = argmax_{m valid} <q_i / |q_i|, k_m / |k_m|>`` (keys raw when ``normalize_keys`` is
-    False), computed in float32 whatever the input dtypes. Memory is ``O(n * chunk_size)``, plus the
-    screen's block maxima (``2 n M / SCREEN_BLOCK`` bytes: 51 MB for 512 queries and 800 000 keys).
+    Attributes:
+        order: ``(J,)`` int64 flat neighbour index ``v * n + i`` (into ``neighbours.flatten(0, 1)``).
+        rows: ``(J,)`` int64 student object row (view-major ``(V*n)`` layout), ascending.
+        weights: ``(J,)`` float32 weight of each entry's cross-entropy in the term.
+    """
+
+    order: Tensor
+    rows: Tensor
+    weights: Tensor
+
+
+def cross_image_entries(cycle_mask: Tensor, normalization: CrossImageNormalization) -> CrossImageEntries:
+    """The cross-image term as a list of entries, in the order of the student rows they supervise.
+
+    The neighbour retrieved by view-v object i supervises student row ``(1 - v) * n + i`` where ``cycle_mask[v, i]``
+    (the row layout of :func:`cross_image_loss`); the weights reproduce its normalisation exactly.
 
     Args:
-        queries: ``(n, D)`` queries (L2-normalised inside, in float32).
-        keys: ``(M, D)`` keys; normalised chunk by chunk (never as a whole copy).
-        key_mask: optional ``(M,)`` bool, False keys are excluded.
-        chunk_size: keys per chunk (peak extra memory about ``chunk_size * (n + D) * 4`` bytes).
-        normalize_keys: cosine similarity if True, else dot product with the raw keys.
-        screening: "bf16" screens with a bfloat16 product and rescores the candidates in float32
-            (CPU only, normalised keys only; same result as the float32 search); "none" is the plain
-            float32 search; "auto" screens on CPU with normalised keys and at least
-            ``MIN_KEYS_TO_SCREEN`` keys.
-        screen_keys: optional ``(M, D)`` bfloat16 rounding of the float32 unit keys (``F.normalize(keys)``),
-            read by the screen instead of normalising the keys at every call (the bank keeps them:
-            :meth:`ObjectMemoryBank.screen_keys`); ignored by the float32 search.
+        cycle_mask: ``(V, n)`` bool.
+        normalization: ``"per_view"`` (entry of view v weighs ``1 / (2 Z_v)``) or ``"view1"`` (every entry weighs
+            ``1 / (2 Z_1)``, and 0 when ``Z_1 = 0``).
 
     Returns:
-        similarity ``(n,)`` float32 (``-inf`` when no key is valid) and index ``(n,)`` int64
-        (``-1`` when no key is valid). Ties go to the smallest key index. No gradient flows.
+        The :class:`CrossImageEntries`; ``J`` is the number of cycle-consistent retrievals.
     """
-    _check_search_inputs(queries, keys, key_mask, chunk_size, screening, screen_keys)
-    unit_queries = F.normalize(queries.float(), dim=1, eps=NORMALIZE_EPS)
-    if _use_screening(screening, unit_queries, keys, normalize_keys):
-        return _screened_search(unit_queries, keys, key_mask, chunk_size, screen_keys)
-    return _float32_search(unit_queries, keys, key_mask, chunk_size, normalize_keys)
+    if normalization not in CROSS_IMAGE_NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {CROSS_IMAGE_NORMALIZATIONS}, got {normalization!r}")
+    if cycle_mask.dtype != torch.bool or cycle_mask.ndim != 2 or cycle_mask.shape[0] != NUM_VIEWS:
+        raise ValueError(f"cycle_mask must be a bool (2, n) tensor, got {cycle_mask.dtype} {tuple(cycle_mask.shape)}")
+    n = cycle_mask.shape[1]
+    counts = cycle_mask.sum(dim=1).float()  # (V,)
+    if normalization == "per_view":
+        view_weight = 1.0 / (NUM_VIEWS * counts.clamp(min=1))
+    else:
+        view_weight = torch.where(counts[0] > 0, 1.0 / (NUM_VIEWS * counts[0].clamp(min=1)), 0.0).expand(NUM_VIEWS)
+    order, rows, weights = [], [], []
+    for student_view in range(NUM_VIEWS):  # student view 0 is supervised by view-1 neighbours and vice versa
+        source = NUM_VIEWS - 1 - student_view
+        index = cycle_mask[source].nonzero().view(-1)
+        order.append(source * n + index)
+        rows.append(student_view * n + index)
+        weights.append(view_weight[source].expand(index.shape[0]))
+    return CrossImageEntries(torch.cat(order), torch.cat(rows), torch.cat(weights).float())
 
 
-def _check_search_inputs(
-    queries: Tensor, keys: Tensor, key_mask: Tensor | None, chunk_size: int, screening: str, screen_keys: Tensor | None
-) -> None:
-    """Raise ``ValueError`` on inconsistent arguments of :func:`nearest_neighbours`."""
-    if queries.ndim != 2 or keys.ndim != 2 or queries.shape[1] != keys.shape[1]:
-        raise ValueError(
-            f"queries (n, D) and keys (M, D) must share D, got {tuple(queries.shape)} and {tuple(keys.shape)}"
-        )
-    if not queries.dtype.is_floating_point or not keys.dtype.is_floating_point:
-        raise ValueError(f"queries and keys must be floating point, got {queries.dtype} and {keys.dtype}")
-    if key_mask is not None and (key_mask.dtype != torch.bool or key_mask.shape != keys.shape[:1]):
-        raise ValueError(
-            f"key_mask must be a bool tensor of shape ({keys.shape[0]},), got {key_mask.dtype} {tuple(key_mask.shape)}"
-        )
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    if screening not in SCREENING_CHOICES:
-        raise ValueError(f"screening must be one of {SCREENING_CHOICES}, got {screening!r}")
-    if screening == "bf16" and queries.device.type != "cpu":
-        raise ValueError(f"screening='bf16' is only exact on CPU, got device {queries.device}; use 'auto' or 'none'")
-    if screen_keys is not None and (screen_keys.dtype != torch.bfloat16 or screen_keys.shape != keys.shape):
-        raise ValueError(
-            f"screen_keys must be bfloat16 with the keys' shape {tuple(keys.shape)}, "
-            f"got {screen_keys.dtype} {tuple(screen_keys.shape)}"
-        )
-
-
-def _use_screening(screening: str, queries: Tensor, keys: Tensor, normalize_keys: bool = True) -> bool:
-    """Whether :func:`nearest_neighbours` screens in bfloat16 (its bound needs unit keys and a CPU GEMM)."""
-    if screening == "none" or not normalize_keys or queries.shape[0] == 0:
-        return False
-    if screening == "bf16":
-        return True
-    return queries.device.type == "cpu" and keys.shape[0] >= MIN_KEYS_TO_SCREEN
-
-
-def _key_chunks(keys: Tensor, key_mask: Tensor | None, chunk_size: int) -> Iterator[tuple[Tensor, Tensor]]:
-    """Yield ``(chunk (c, D) float32 valid keys, index (c,) int64 of those keys)`` in key order."""
-    for start in range(0, keys.shape[0], chunk_size):
-        stop = min(start + chunk_size, keys.shape[0])
-        chunk = keys[start:stop].float()
-        index = torch.arange(start, stop, device=keys.device)
-        if key_mask is not None:
-            valid = key_mask[start:stop]
-            if not bool(valid.all()):
-                index = index[valid]
-                chunk = chunk[valid]
-        if index.numel():
-            yield chunk, index
-
-
-def screening_margin(unit_queries: Tensor) -> Tensor:
-    """Bound on the error of the bfloat16 screened score of a unit key, per query.
-
-    With ``q`` a float32 unit query, ``k`` a float32 unit key, ``q_b``/``k_b`` their bfloat16
-    roundings (``|k_b - k| <= u_b |k|``, ``u_b = 2^-8``), the GEMM accumulating the exact bf16
-    products in float32 (error ``<= gamma_D |q_b| |k_b|``, ``gamma_D = D u / (1 - D u)``,
-    ``u = 2^-24``) and rounding its output to bfloat16 once (``<= u_b |acc|``), Cauchy-Schwarz on each
-    rounding term gives ``|s - <q, k>| <= beta`` for the screened score ``s``, with
-    ``N = (1 + u_b)(1 + slack)`` bounding the norms::
-
-        beta = u_b N^2 (1 + gamma_D) + gamma_D N^2 + N (u_b N + slack) + N |q - q_b|
-
-    Any float32 evaluation ``r`` of ``<q, k>`` is within ``gamma_D N^2`` of it, so two of them differ
-    by at most ``2 gamma_D N^2``. The returned ``margin = beta + 3 gamma_D N^2`` is what the screen
-    needs: see :func:`_screening_threshold` (about 0.0097 at D = 384).
-
-    Args:
-        unit_queries: ``(n, D)`` float32 L2-normalised queries.
-
-    Returns:
-        ``(n,)`` float32 margins.
-    """
-    dim = unit_queries.shape[1]
-    gamma = dim * FP32_UNIT_ROUNDOFF / (1.0 - dim * FP32_UNIT_ROUNDOFF)
-    norm_bound = (1.0 + BF16_UNIT_ROUNDOFF) * (1.0 + NORMALIZATION_SLACK)
-    query_rounding = torch.linalg.vector_norm(unit_queries - unit_queries.bfloat16().float(), dim=1)
-    beta = (
-        BF16_UNIT_ROUNDOFF * norm_bound**2 * (1.0 + gamma)
-        + gamma * norm_bound**2
-        + norm_bound * (BF16_UNIT_ROUNDOFF * norm_bound + NORMALIZATION_SLACK)
-        + norm_bound * query_rounding
-    )
-    # 1 % headroom covers the float32 evaluation of the bound itself.
-    return (beta + 3.0 * gamma * norm_bound**2) * 1.01
-
-
-@dataclass
-class _RunningBest:
-    """Best float32 similarity and key index per query over the chunks seen so far."""
-
-    similarity: Tensor  # (n,) float32, -inf before any key
-    index: Tensor  # (n,) int64, -1 before any key
-
-    @classmethod
-    def empty(cls, unit_queries: Tensor) -> _RunningBest:
-        num_queries = unit_queries.shape[0]
-        similarity = unit_queries.new_full((num_queries,), -math.inf)
-        return cls(similarity, torch.full((num_queries,), -1, dtype=torch.int64, device=unit_queries.device))
-
-    def merge(self, query: Tensor, key: Tensor, similarity: Tensor) -> None:
-        """Merge ``(P,)`` (query, key, similarity) triples given in any order; the smallest key index wins ties."""
-        if query.numel() == 0:
-            return
-        best = torch.maximum(
-            self.similarity, torch.full_like(self.similarity, -math.inf).scatter_reduce(0, query, similarity, "amax")
-        )
-        is_best = similarity == best[query]
-        no_key = torch.iinfo(torch.int64).max
-        index = torch.full_like(self.index, no_key).scatter_reduce(0, query[is_best], key[is_best], "amin")
-        kept = torch.where(self.similarity == best, self.index, no_key)  # -1 only while the best is still -inf
-        self.similarity = best
-        self.index = torch.minimum(kept, index)
-
-
-def _float32_search(
-    unit_queries: Tensor, keys: Tensor, key_mask: Tensor | None, chunk_size: int, normalize_keys: bool
-) -> tuple[Tensor, Tensor]:
-    """Plain chunked float32 search with a running max/argmax (earlier chunks win ties)."""
-    running = _RunningBest.empty(unit_queries)
-    if unit_queries.shape[0] == 0:
-        return running.similarity, running.index
-    for chunk, chunk_index in _key_chunks(keys, key_mask, chunk_size):
-        unit_keys = F.normalize(chunk, dim=1, eps=NORMALIZE_EPS) if normalize_keys else chunk
-        similarity, argmax = (unit_queries @ unit_keys.T).max(dim=1)  # (n, c) -> (n,)
-        better = similarity > running.similarity
-        running.similarity = torch.where(better, similarity, running.similarity)
-        running.index = torch.where(better, chunk_index[argmax], running.index)
-    return running.similarity, running.index
-
-
-@dataclass
-class _ScreenInputs:
-    """What the bfloat16 screen reads: the queries and the keys with their validity."""
-
-    unit_queries: Tensor  # (n, D) float32
-    keys: Tensor  # (M, D) raw keys (rescoring reads them in float32)
-    key_mask: Tensor | None  # (M,) bool
-    screen_keys: Tensor | None  # (M, D) bfloat16 unit keys, or None to normalise chunk by chunk
-
-
-@dataclass
-class _ScreenScores:
-    """Maxima of the screened scores per block of ``SCREEN_BLOCK`` keys and per group of ``SCREEN_GROUP`` blocks.
-
-    Keys past ``M`` (padding up to a whole group) and invalid keys count as ``-inf``.
-    """
-
-    block_max: Tensor  # (G * group, n) bfloat16
-    group_max: Tensor  # (G, n) bfloat16
-
-
-def _screen_scores(inputs: _ScreenInputs, chunk_size: int) -> _ScreenScores:
-    """bfloat16 products of all keys with all queries, reduced to block and group maxima (pass 1).
-
-    Only ``(c, n)`` scores exist at a time (``c = chunk_size``, a multiple of the group's keys); chunks
-    with no valid key are skipped.
-    """
-    keys, num_queries = inputs.keys, inputs.unit_queries.shape[0]
-    num_keys, group_keys = keys.shape[0], SCREEN_BLOCK * SCREEN_GROUP
-    query_bf16 = inputs.unit_queries.bfloat16().T  # (D, n)
-    num_groups = -(-num_keys // group_keys)
-    block_max = query_bf16.new_empty((num_groups * SCREEN_GROUP, num_queries))
-    group_max = query_bf16.new_empty((num_groups, num_queries))
-    scores = query_bf16.new_empty((min(chunk_size, num_groups * group_keys), num_queries))
-    buffer_rows = scores.shape[0] if inputs.screen_keys is None else 0  # normalised chunks go there
-    unit_buffer = query_bf16.new_empty((buffer_rows, keys.shape[1]))
-    starts = list(range(0, num_keys, chunk_size))
-    invalid, bounds = _invalid_keys_per_chunk(keys, inputs.key_mask, starts)
-    for chunk, start in enumerate(starts):
-        stop = min(start + chunk_size, num_keys)
-        padded = -(-(stop - start) // group_keys) * group_keys
-        blocks = block_max[start // SCREEN_BLOCK : (start + padded) // SCREEN_BLOCK]
-        groups = group_max[start // group_keys : (start + padded) // group_keys]
-        chunk_invalid = invalid[bounds[chunk] : bounds[chunk + 1]]
-        if chunk_invalid.numel() == stop - start:
-            blocks.fill_(-math.inf)
-            groups.fill_(-math.inf)
-            continue
-        if inputs.screen_keys is not None:
-            unit_keys = inputs.screen_keys[start:stop]
-        else:
-            unit_keys = normalize_to_bfloat16(keys[start:stop], out=unit_buffer[: stop - start])
-        chunk_scores = torch.mm(unit_keys, query_bf16, out=scores[: stop - start])  # (c, n), float32 accumulation
-        if chunk_invalid.numel():
-            chunk_scores.index_fill_(0, chunk_invalid - start, -math.inf)
-        scores[stop - start : padded].fill_(-math.inf)
-        torch.amax(scores[:padded].view(-1, SCREEN_BLOCK, num_queries), 1, out=blocks)
-        torch.amax(blocks.view(-1, SCREEN_GROUP, num_queries), 1, out=groups)
-    return _ScreenScores(block_max, group_max)
-
-
-def _screened_search(
-    unit_queries: Tensor, keys: Tensor, key_mask: Tensor | None, chunk_size: int, screen_keys: Tensor | None
-) -> tuple[Tensor, Tensor]:
-    """bfloat16 screen of all keys, then float32 rescoring of the keys that can be the maximum (exact result).
-
-    Pass 1 keeps the screened maximum of every block of ``SCREEN_BLOCK`` keys. Pass 2 rescores the
-    screen's best block of each query, which gives the threshold of :func:`_screening_threshold`, then
-    every block whose screened maximum reaches it (found through the group maxima).
-    """
-    best = _RunningBest.empty(unit_queries)
-    if keys.shape[0] == 0 or (key_mask is not None and not bool(key_mask.any())):
-        return best.similarity, best.index
-    group_keys = SCREEN_BLOCK * SCREEN_GROUP
-    inputs = _ScreenInputs(unit_queries, keys, key_mask, screen_keys)
-    screened = _screen_scores(inputs, -(-chunk_size // group_keys) * group_keys)
-    screen_max, top_group = screened.group_max.max(dim=0)  # (n,)
-    all_queries = torch.arange(unit_queries.shape[0], device=unit_queries.device)
-    _rescore_blocks(inputs, best, _top_blocks(screened, top_group), all_queries)
-    threshold = _screening_threshold(best.similarity, screen_max.float(), screening_margin(unit_queries))
-    group, query = (screened.group_max.float() >= threshold).nonzero(as_tuple=True)  # (Pg,) group-major
-    step = max(1, CANDIDATE_BATCH // SCREEN_GROUP)
-    for start in range(0, group.numel(), step):
-        batch = slice(start, start + step)
-        _rescore_candidate_groups(inputs, screened, best, threshold, group[batch], query[batch])
-    return best.similarity, best.index
-
-
-def _screening_threshold(best: Tensor, screen_max: Tensor, margin: Tensor) -> Tensor:
-    """``(n,)`` screened score a key needs to possibly be the float32 argmax.
-
-    With ``m`` the margin, ``beta`` the screen error and ``g = gamma_D N^2`` (see :func:`screening_margin`):
-    the float32 argmax ``k*`` has ``s(k*) >= r(k*) - g - beta``, and ``r(k*) >= r(j)`` for every key ``j``.
-    Taking for ``j`` the best rescored key (``r(j) >= best - 2 g``) gives ``s(k*) >= best - m``; taking the
-    screen's argmax (``r(j) >= s_max - beta - g``) gives ``s(k*) >= s_max - 2 m``.
-    """
-    return torch.maximum(best, screen_max - margin) - margin
-
-
-def _group_blocks(group: Tensor) -> Tensor:
-    """``(P, SCREEN_GROUP)`` blocks of the given groups."""
-    return group[:, None] * SCREEN_GROUP + torch.arange(SCREEN_GROUP, device=group.device)
-
-
-def _top_blocks(screened: _ScreenScores, top_group: Tensor) -> Tensor:
-    """``(n,)`` block holding each query's largest screened score, within its top group."""
-    rows = _group_blocks(top_group)  # (n, group)
-    values = screened.block_max[rows, torch.arange(rows.shape[0], device=rows.device)[:, None]]
-    return rows.gather(1, values.argmax(1, keepdim=True)).squeeze(1)
-
-
-def _rescore_candidate_groups(
-    inputs: _ScreenInputs, screened: _ScreenScores, best: _RunningBest, threshold: Tensor, group: Tensor, query: Tensor
-) -> None:
-    """Rescore the blocks of some (group, query) pairs whose screened maximum reaches the threshold.
-
-    A group with so many candidate blocks that rescoring them one by one would cost more than a float32
-    product of the whole group with its queries is rescored by that product.
-    """
-    rows = _group_blocks(group)  # (Pg, group)
-    pair, offset = (screened.block_max[rows, query[:, None]].float() >= threshold[query][:, None]).nonzero(
-        as_tuple=True
-    )  # (P,)
-    block, block_query, block_group = rows[pair, offset], query[pair], group[pair]
-    groups, queries_per_group = torch.unique_consecutive(group, return_counts=True)
-    blocks_per_group = torch.bincount(block_group - groups[0], minlength=int(groups[-1] - groups[0]) + 1)
-    group_keys = SCREEN_BLOCK * SCREEN_GROUP
-    dense = blocks_per_group[groups - groups[0]] * SCREEN_BLOCK * RESCORE_COST_RATIO > queries_per_group * group_keys
-    if bool(dense.any()):
-        for dense_group in groups[dense].tolist():
-            _rescore_keys_dense(inputs, best, dense_group * group_keys, query[group == dense_group])
-        light = ~torch.isin(block_group, groups[dense])
-        block, block_query = block[light], block_query[light]
-    _rescore_blocks(inputs, best, block, block_query)
-
-
-def _rescore_blocks(inputs: _ScreenInputs, best: _RunningBest, block: Tensor, query: Tensor) -> None:
-    """Float32 similarities of each query with the keys of its block, merged into the running best.
-
-    Blocks go by batches of ``RESCORE_BATCH`` so that the gathered keys stay small (and in cache).
-    """
-    keys, key_mask, num_keys = inputs.keys, inputs.key_mask, inputs.keys.shape[0]
-    offsets = torch.arange(SCREEN_BLOCK, device=block.device)
-    for start in range(0, block.numel(), RESCORE_BATCH):
-        batch = slice(start, start + RESCORE_BATCH)
-        rows = (block[batch, None] * SCREEN_BLOCK + offsets).clamp_max(num_keys - 1)  # (p, block)
-        raw = keys.index_select(0, rows.flatten()).view(*rows.shape, -1).float()  # (p, block, D)
-        unit_keys = raw.div_(raw.norm(2, -1, keepdim=True).clamp_min_(NORMALIZE_EPS))  # as F.normalize, bit for bit
-        similarity = torch.bmm(unit_keys, inputs.unit_queries[query[batch], :, None]).squeeze(2)  # (p, block)
-        if key_mask is not None:
-            similarity.masked_fill_(~key_mask[rows], -math.inf)
-        block_best, offset = similarity.max(dim=1)  # first (smallest) row on ties
-        best.merge(query[batch], rows.gather(1, offset[:, None]).squeeze(1), block_best)
-
-
-def _rescore_keys_dense(inputs: _ScreenInputs, best: _RunningBest, start: int, query: Tensor) -> None:
-    """Float32 similarities of one group's keys for some queries (when most of its blocks are candidates)."""
-    stop = min(start + SCREEN_BLOCK * SCREEN_GROUP, inputs.keys.shape[0])
-    unit_keys = F.normalize(inputs.keys[start:stop].float(), dim=1, eps=NORMALIZE_EPS)
-    similarity = inputs.unit_queries[query] @ unit_keys.T  # (q, group keys)
-    if inputs.key_mask is not None:
-        similarity.masked_fill_(~inputs.key_mask[start:stop], -math.inf)
-    group_best, argmax = similarity.max(dim=1)  # first (smallest) key on ties
-    best.merge(query, start + argmax, group_best)
-
-
-def _invalid_keys_per_chunk(keys: Tensor, key_mask: Tensor | None, starts: list[int]) -> tuple[Tensor, list[int]]:
-    """Sorted ``(I,)`` indices of the invalid keys and, per chunk, the bounds of its slice of them."""
-    if key_mask is None:
-        return torch.empty(0, dtype=torch.int64, device=keys.device), [0] * (len(starts) + 1)
-    invalid = (~key_mask).nonzero().squeeze(1)
-    edges = torch.tensor([*starts, keys.shape[0]], dtype=torch.int64, device=invalid.device)
-    return invalid, torch.searchsorted(invalid, edges).tolist()
-
-
-@dataclass
+@dataclass(frozen=True)
 class CrossImageMatches:
     """Nearest neighbours of the batch's objects in the bank, per view.
 
@@ -426,16 +87,28 @@ class CrossImageMatches:
             by view-``v`` object ``i`` (zeros where the bank holds no object).
         cycle_mask: ``(V, n)`` bool, True where the match is cycle-consistent.
         index: ``(V, n)`` int64 flat bank slot index (``-1`` where the bank holds no object).
+        entries: the cycle-consistent matches as entries of the cross-image term (:func:`cross_image_entries`).
     """
 
     neighbours: Tensor
     cycle_mask: Tensor
     index: Tensor
+    entries: CrossImageEntries
+
+    def used_neighbours(self) -> Tensor:
+        """``(J, D)`` the retrieved neighbours of the entries, in entry order (the teacher head runs on these only)."""
+        return self.neighbours.flatten(0, 1)[self.entries.order]
 
 
 @torch.no_grad()
 def match_objects(
-    objects: Tensor, bank: ObjectMemoryBank, chunk_size: int = 8192, *, screening: Screening = "auto"
+    objects: Tensor,
+    bank: ObjectMemoryBank,
+    chunk_size: int = 8192,
+    *,
+    screening: Screening = "auto",
+    keys: BankKeys | None = None,
+    normalization: CrossImageNormalization = "per_view",
 ) -> CrossImageMatches:
     """Retrieve each object's nearest stored neighbour per view and check cycle consistency.
 
@@ -449,7 +122,10 @@ def match_objects(
         objects: ``(n, 2, D)`` raw teacher objects of the current batch (any float dtype).
         bank: memory bank with 2 views and dim ``D``.
         chunk_size: keys per chunk of the bank search.
-        screening: see :func:`nearest_neighbours`.
+        screening: see :func:`cribo.search.nearest_neighbours`.
+        keys: the bank's kept bfloat16 unit keys for the screen (else each screened search normalises the bank
+            chunk by chunk).
+        normalization: weights of the cross-image entries, see :func:`cross_image_entries`.
 
     Returns:
         :class:`CrossImageMatches` with ``V = 2``.
@@ -463,10 +139,10 @@ def match_objects(
     neighbours, masks, indices = [], [], []
     for view in range(2):
         other = 1 - view
-        keys, valid = bank.flat_view(view)
-        screen_keys = bank.screen_keys(view) if _use_screening(screening, objects, keys) else None
+        stored, valid = bank.flat_view(view)
+        screen_keys = keys.view(bank, view) if keys is not None and use_screening(screening, objects, stored) else None
         _, index = nearest_neighbours(
-            objects[:, view], keys, valid, chunk_size, screening=screening, screen_keys=screen_keys
+            objects[:, view], stored, valid, chunk_size, screening=screening, screen_keys=screen_keys
         )
         found = index >= 0
         safe_index = index.clamp_min(0)
@@ -475,4 +151,6 @@ def match_objects(
         _, back = nearest_neighbours(partner, objects[:, other], None, chunk_size, screening="none")
         masks.append(found & (back == arange))
         indices.append(index)
-    return CrossImageMatches(torch.stack(neighbours), torch.stack(masks), torch.stack(indices))
+    cycle_mask = torch.stack(masks)
+    entries = cross_image_entries(cycle_mask, normalization)
+    return CrossImageMatches(torch.stack(neighbours), cycle_mask, torch.stack(indices), entries)

@@ -16,12 +16,9 @@ never read. The newest-first order of the authors' layout is recovered as slot
 used for parity tests and to import the authors' checkpoint queues ``centroids_queue_cpu``
 and ``cpv_queue_cpu``).
 
-For the bfloat16 screen of :func:`cribo.matching.nearest_neighbours` the bank also keeps, from the
-first screened search on, a bfloat16 copy of its L2-normalised objects (:meth:`ObjectMemoryBank.screen_keys`,
-half the bank's memory): :meth:`ObjectMemoryBank.push` updates the written slots only, so a search
-neither normalises nor converts the whole bank at every step. It is derived state, never saved:
-it is rebuilt whenever ``objects`` changed by other means (``load_state_dict``, in-place edits,
-a new tensor), which the tensor's version counter tells.
+The bank itself knows nothing of searching: :mod:`cribo.search` holds the nearest-neighbour search and
+the bfloat16 screening keys (:class:`cribo.search.BankKeys`), which :meth:`ObjectMemoryBank.push` helps keep
+in step by returning the slots it wrote.
 
 The authors also keep a queue of normalised [CLS] features (``cls_queue``); it is
 filled but never read for retrieval, so it is not implemented here.
@@ -32,53 +29,26 @@ D dim, B images in a batch, n objects in a batch (all images), M = Q*K flat bank
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["NORMALIZE_EPS", "ObjectMemoryBank", "normalize_to_bfloat16"]
-
-# F.normalize's default eps, as in the authors' normalised matching (cribo.matching uses it too).
-NORMALIZE_EPS = 1e-12
-# Rows normalised at once when the bfloat16 unit keys are rebuilt (bounds the float32 temporaries).
-UNIT_KEYS_CHUNK = 8192
+__all__ = ["ObjectMemoryBank", "PushedSlots"]
 
 
-def normalize_to_bfloat16(rows: Tensor, out: Tensor | None = None) -> Tensor:
-    """``F.normalize(rows, dim=1)`` in float32, rounded once to bfloat16 (into ``out`` if given).
+@dataclass(frozen=True)
+class PushedSlots:
+    """Where :meth:`ObjectMemoryBank.push` wrote a batch's objects: object ``i`` went to ``objects[:, slots[i],
+    ranks[i]]``.
 
-    The keys of the bfloat16 screen (:func:`cribo.matching.nearest_neighbours`), whether the bank keeps
-    them or the search normalises a chunk.
-
-    Args:
-        rows: ``(r, D)`` rows of any float dtype (normalised in float32).
-        out: optional ``(r, D)`` bfloat16 destination.
-
-    Returns:
-        ``(r, D)`` bfloat16 unit rows.
+    Attributes:
+        slots: ``(n,)`` int64 image slot of each stored object.
+        ranks: ``(n,)`` int64 position of each object within its image slot.
     """
-    rows = rows.float()
-    norm = rows.norm(2, 1, keepdim=True).clamp_min_(NORMALIZE_EPS)  # exactly as F.normalize
-    if out is None:
-        out = torch.empty(rows.shape, dtype=torch.bfloat16, device=rows.device)
-    return torch.div(rows, norm, out=out)
 
-
-@dataclass
-class _UnitKeys:
-    """bfloat16 unit copy of a bank's ``objects`` and the state of ``objects`` it reflects."""
-
-    values: Tensor  # (V, Q, K, D) bfloat16
-    source: weakref.ref[Tensor]  # the objects tensor it was computed from
-    version: int  # that tensor's version counter when values last matched it
-
-    def reflects(self, objects: Tensor) -> bool:
-        """Whether ``values`` is the normalised ``objects`` (same tensor, no write since)."""
-        return self.source() is objects and objects._version == self.version
+    slots: Tensor
+    ranks: Tensor
 
 
 def _check_counts(counts: Tensor, max_objects_per_image: int, name: str) -> None:
@@ -115,7 +85,6 @@ class ObjectMemoryBank(nn.Module):
     objects: Tensor
     counts: Tensor
     head: Tensor
-    _unit_keys: _UnitKeys | None
 
     def __init__(
         self,
@@ -138,7 +107,6 @@ class ObjectMemoryBank(nn.Module):
         self.register_buffer("objects", torch.rand(shape, generator=generator, dtype=torch.float32))
         self.register_buffer("counts", torch.full((capacity,), max_objects_per_image, dtype=torch.int32))
         self.register_buffer("head", torch.zeros((), dtype=torch.int64))
-        self._unit_keys = None  # built by the first screen_keys call
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -185,7 +153,7 @@ class ObjectMemoryBank(nn.Module):
 
     # ------------------------------------------------------------------ update
     @torch.no_grad()
-    def push(self, objects: Tensor, objects_per_image: Tensor) -> None:
+    def push(self, objects: Tensor, objects_per_image: Tensor) -> PushedSlots:
         """Store a batch of images, evicting the oldest ones (in place).
 
         Image ``i`` of the batch gets newest-first position ``i`` (as the authors'
@@ -197,6 +165,9 @@ class ObjectMemoryBank(nn.Module):
             objects_per_image: ``(B,)`` integer number of objects of each image, each in
                 ``[0, K]``, summing to ``n``.
 
+        Returns:
+            Where the stored objects went (for :class:`cribo.search.BankKeys`).
+
         Raises:
             ValueError: on wrong shapes, counts outside ``[0, K]`` or a count total != ``n``.
         """
@@ -204,7 +175,8 @@ class ObjectMemoryBank(nn.Module):
         per_image = objects_per_image.to(device=self.counts.device, dtype=torch.int64)[: self.capacity]
         num_images = int(per_image.numel())
         if num_images == 0:
-            return
+            empty = per_image.new_empty(0)
+            return PushedSlots(empty, empty)
         num_stored = int(per_image.sum())
         new_head = (self.head - num_images) % self.capacity
         image_slots = (new_head + torch.arange(num_images, device=per_image.device)) % self.capacity
@@ -212,14 +184,11 @@ class ObjectMemoryBank(nn.Module):
         first_object = torch.cumsum(per_image, 0) - per_image
         rank_of_object = torch.arange(num_stored, device=per_image.device) - first_object[image_of_object]
         values = objects[:num_stored].to(device=self.objects.device, dtype=self.objects.dtype)
-        unit_keys = self._unit_keys if self._unit_keys is not None and self._unit_keys.reflects(self.objects) else None
-        self.objects[:, image_slots[image_of_object], rank_of_object] = values.transpose(0, 1)
-        if unit_keys is not None:  # keep the screening copy in step: the written rows only
-            unit_values = normalize_to_bfloat16(values.reshape(-1, self.dim)).view(values.shape)
-            unit_keys.values[:, image_slots[image_of_object], rank_of_object] = unit_values.transpose(0, 1)
-            unit_keys.version = self.objects._version
+        slot_of_object = image_slots[image_of_object]
+        self.objects[:, slot_of_object, rank_of_object] = values.transpose(0, 1)
         self.counts[image_slots] = per_image.to(self.counts.dtype)
         self.head.copy_(new_head)
+        return PushedSlots(slot_of_object, rank_of_object)
 
     def _check_push(self, objects: Tensor, objects_per_image: Tensor) -> None:
         """Validate the arguments of :meth:`push`."""
@@ -251,57 +220,6 @@ class ObjectMemoryBank(nn.Module):
         ranks = torch.arange(self.max_objects_per_image, device=self.counts.device)
         valid = ranks[None, :] < self.counts[:, None].to(torch.int64)
         return keys, valid.reshape(-1)
-
-    @torch.no_grad()
-    def screen_keys(self, view: int) -> Tensor | None:
-        """bfloat16 unit keys of one view, for the screen of :func:`cribo.matching.nearest_neighbours`.
-
-        ``F.normalize`` of each stored object in float32, rounded to bfloat16, flat as :meth:`flat_view`
-        (stale slots included). Kept between calls (``V * M * D * 2`` bytes, half the bank; not in the
-        state dict): built by the first call, updated by :meth:`push`, rebuilt after any other change
-        of ``objects``.
-
-        Args:
-            view: bank index in ``[0, V)``.
-
-        Returns:
-            ``(M, D)`` bfloat16, or None when ``objects`` is an inference tensor (it has no version
-            counter, so changes could go unseen).
-        """
-        self._check_view(view)
-        if self.objects.is_inference():
-            return None
-        unit_keys = self._unit_keys
-        if unit_keys is None or not unit_keys.reflects(self.objects):
-            unit_keys = self._rebuild_unit_keys()
-        return unit_keys.values[view].view(self.capacity * self.max_objects_per_image, self.dim)
-
-    def _rebuild_unit_keys(self) -> _UnitKeys:
-        """Normalise all stored objects into the bfloat16 copy, chunk by chunk (reusing its memory)."""
-        stale, self._unit_keys = self._unit_keys, None
-        if (
-            stale is not None
-            and stale.values.shape == self.objects.shape
-            and stale.values.device == self.objects.device
-        ):
-            values = stale.values
-        else:
-            del stale
-            values = torch.empty_like(self.objects, dtype=torch.bfloat16)
-        rows, out = self.objects.view(-1, self.dim), values.view(-1, self.dim)
-        for start in range(0, rows.shape[0], UNIT_KEYS_CHUNK):
-            normalize_to_bfloat16(rows[start : start + UNIT_KEYS_CHUNK], out[start : start + UNIT_KEYS_CHUNK])
-        self._unit_keys = _UnitKeys(values, weakref.ref(self.objects), self.objects._version)
-        return self._unit_keys
-
-    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> ObjectMemoryBank:
-        """``to``/``cuda``/``float``...: drop the screening copy (rebuilt where a search needs it)."""
-        self._unit_keys = None
-        return super()._apply(fn, recurse)
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickling and ``copy.deepcopy`` leave the screening copy out (a weak reference cannot be pickled)."""
-        return {**self.__dict__, "_unit_keys": None}
 
     def lookup(self, view: int, flat_index: Tensor) -> Tensor:
         """Raw stored view-``view`` entries at flat slot indices.

@@ -2,15 +2,19 @@
 
 Per-step schedules (learning rate, weight decay, teacher momentum) are float64 arrays of one value per optimiser
 step, built once and indexed by the global step, as in DINO's ``cosine_scheduler``. Per-epoch schedules (teacher
-temperatures, ``pos_alpha``, last-layer freezing) are evaluated directly from the epoch.
+temperatures, ``pos_alpha``, last-layer freezing) are evaluated directly from the epoch. :class:`Schedules` holds a
+run's arrays and gives every value of one step as a :class:`StepValues` (plain floats: the losses know no epochs).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal, get_args
 
 import numpy as np
 import numpy.typing as npt
+
+from cribo.config import TrainConfig
 
 PosAlphaOrder = Literal["paper", "authors"]
 POS_ALPHA_ORDERS: tuple[str, ...] = get_args(PosAlphaOrder)
@@ -138,3 +142,57 @@ def last_layer_frozen(epoch: int, freeze_last_layer: int) -> bool:
 def _check_epochs(epochs: int, steps_per_epoch: int) -> None:
     if epochs < 1 or steps_per_epoch < 1:
         raise ValueError(f"epochs and steps_per_epoch must be >= 1, got {epochs} and {steps_per_epoch}")
+
+
+@dataclass(frozen=True)
+class StepValues:
+    """Schedule values at one step (plain floats: the losses know no epochs)."""
+
+    lr: float
+    weight_decay: float
+    momentum: float
+    teacher_temp: float
+    teacher_temp_c: float
+    pos_alpha: float
+    cross_image: bool
+    freeze_last_layer: bool
+
+
+@dataclass(frozen=True)
+class Schedules:
+    """Every per-step value: DINO-style arrays over global steps, and the per-epoch values of the configuration."""
+
+    config: TrainConfig
+    lr: np.ndarray
+    weight_decay: np.ndarray
+    momentum: np.ndarray
+
+    @classmethod
+    def build(cls, config: TrainConfig, iters: int, world_size: int) -> Schedules:
+        opt = config.optim
+        total_batch = opt.batch_size_per_gpu * world_size
+        return cls(
+            config=config,
+            lr=lr_schedule(opt.lr, opt.min_lr, total_batch, opt.epochs, iters, opt.warmup_epochs),
+            weight_decay=weight_decay_schedule(opt.weight_decay, opt.weight_decay_end, opt.epochs, iters),
+            momentum=teacher_momentum_schedule(opt.momentum_teacher, opt.epochs, iters),
+        )
+
+    def at(self, step: int, epoch: int) -> StepValues:
+        """The values of global step ``step`` in epoch ``epoch``."""
+        cfg, it = self.config, min(step, len(self.lr) - 1)
+        loss = cfg.loss
+        return StepValues(
+            lr=float(self.lr[it]),
+            weight_decay=float(self.weight_decay[it]),
+            momentum=float(self.momentum[it]),
+            teacher_temp=teacher_temperature(
+                epoch, loss.warmup_teacher_temp, loss.teacher_temp, loss.warmup_teacher_temp_epochs
+            ),
+            teacher_temp_c=teacher_temperature(
+                epoch, loss.warmup_teacher_temp_c, loss.teacher_temp_c, loss.warmup_teacher_temp_epochs
+            ),
+            pos_alpha=pos_alpha_at(epoch, cfg.optim.epochs, cfg.method.pos_alpha, order=cfg.method.semantics),
+            cross_image=epoch >= 1,  # the cross-image term starts with the second epoch (paper §3.3)
+            freeze_last_layer=last_layer_frozen(epoch, cfg.optim.freeze_last_layer),
+        )

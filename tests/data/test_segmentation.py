@@ -7,8 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
+from cribo.augment import TorchRandom, random_crop_box
 from cribo.data.segmentation import (
     ADE20K_CLASS_NAMES,
     VOC_CLASS_NAMES,
@@ -18,6 +20,7 @@ from cribo.data.segmentation import (
     ScenesSegmentation,
     VOCSegmentation,
     build_segmentation_dataset,
+    colour_jitter,
     item_generator,
     random_resized_crop_pair,
     random_scale_crop_flip_pair,
@@ -107,6 +110,54 @@ def test_voc_errors_name_the_file(tmp_path: Path) -> None:
         VOCSegmentation(tmp_path, "val")[0]
     with pytest.raises(ValueError, match="no Pascal VOC layout"):
         VOCSegmentation(tmp_path / "nowhere", "val")
+
+
+def write_exif_pair(voc: Path, stem: str, orientation: int, mask_size: tuple[int, int]) -> np.ndarray:
+    """A JPEG stored 32 wide x 20 high (left half red, right half blue) with an EXIF orientation tag, and a mask of
+    ``mask_size`` (width, height); returns the mask."""
+    stored = np.zeros((20, 32, 3), dtype=np.uint8)
+    stored[:, :16, 0] = 255
+    stored[:, 16:, 2] = 255
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(stored).save(voc / "JPEGImages" / f"{stem}.jpg", exif=exif.tobytes(), quality=95)
+    mask = np.zeros(mask_size[::-1], dtype=np.uint8)
+    mask[: mask_size[1] // 2] = 15
+    save_palette_png(mask, voc / "SegmentationClass" / f"{stem}.png")
+    return mask
+
+
+def test_voc_exif_orientation_applied_when_the_mask_is_upright(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Orientation 6 (turn 90 degrees clockwise to display): the displayed image is 20 wide x 32 high, red on top,
+    # as its mask; before, evaluation stopped with "mask is 20x32 but its image is 32x20".
+    voc = write_voc(tmp_path, {"val": ["a", "b", "c"]})
+    mask = write_exif_pair(voc, "b", 6, (20, 32))
+    write_exif_pair(voc, "c", 6, (20, 32))
+    with caplog.at_level("WARNING"):
+        dataset = VOCSegmentation(tmp_path, "val")
+    warnings = [record.getMessage() for record in caplog.records if "EXIF orientation" in record.getMessage()]
+    assert len(warnings) == 1 and "of 2 image(s)" in warnings[0]
+    image, labels = dataset[1]
+    assert image.size == (20, 32) and np.array_equal(labels, mask)
+    pixels = np.asarray(image, dtype=np.int64)
+    assert np.abs(pixels[2:14] - [255, 0, 0]).max() < 40 and np.abs(pixels[18:30] - [0, 0, 255]).max() < 40
+    assert dataset[0][0].size == (24, 20)  # an image without the tag is untouched
+
+
+def test_voc_exif_orientation_left_out_when_the_mask_fits_the_stored_pixels(tmp_path: Path) -> None:
+    voc = write_voc(tmp_path, {"val": ["a"]})
+    write_exif_pair(voc, "a", 6, (32, 20))
+    dataset = VOCSegmentation(tmp_path, "val")
+    assert dataset[0][0].size == (32, 20) and not dataset.upright
+
+
+def test_voc_exif_neither_orientation_fits_is_an_error(tmp_path: Path) -> None:
+    voc = write_voc(tmp_path, {"val": ["a"]})
+    write_exif_pair(voc, "a", 8, (24, 24))
+    with pytest.raises(ValueError, match=r"a\.png: mask is 24x24 but its image a\.jpg is 32x20 \(20x32 upright"):
+        VOCSegmentation(tmp_path, "val")
 
 
 def write_ade(root: Path, split: str, count: int) -> Path:
@@ -223,3 +274,37 @@ def test_paired_transforms_keep_image_and_mask_aligned() -> None:
     first = random_resized_crop_pair(pixels, labels, 24, (0.5, 2.0), (0.75, 4 / 3), item_generator(0, 1, 2))
     again = random_resized_crop_pair(pixels, labels, 24, (0.5, 2.0), (0.75, 4 / 3), item_generator(0, 1, 2))
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+def test_random_resized_crop_pair_uses_the_shared_box_sampler() -> None:
+    # Each pixel holds its row-major index: the (bilinear) crop's values lie between those of the box's corners.
+    height, width = 40, 60
+    image = torch.arange(height * width, dtype=torch.float32).view(1, height, width).expand(3, -1, -1)
+    labels = torch.zeros(height, width, dtype=torch.int64)
+    for key in range(10):
+        box = random_crop_box(width, height, (0.1, 0.5), (0.75, 4 / 3), TorchRandom(item_generator(key)))
+        crop, _ = random_resized_crop_pair(
+            image / image.max(), labels, 8, (0.1, 0.5), (0.75, 4 / 3), item_generator(key)
+        )
+        top_left = box.top * width + box.left
+        bottom_right = (box.top + box.height - 1) * width + box.left + box.width - 1
+        assert (
+            top_left - 1e-3 <= float(crop.min() * image.max()) <= float(crop.max() * image.max()) <= bottom_right + 1e-3
+        )
+
+
+def test_colour_jitter_matches_torchvision_float_ops_with_the_same_draws() -> None:
+    # Each change with its probability, in a fixed order; the changes are cribo.augment's float ops, equal to
+    # torchvision's float ops up to the red luma weight (0.299 against 0.2989) and float rounding.
+    pixels = torch.rand(3, 30, 40, generator=torch.Generator().manual_seed(0))
+    adjustments = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    for key in range(20):
+        generator, expected_generator = item_generator(key), item_generator(key)
+        jittered = colour_jitter(pixels, 0.3, 0.5, generator)
+        expected = pixels
+        for adjust in adjustments:
+            if float(torch.rand((), generator=expected_generator)) < 0.5:
+                low, high = (-0.3, 0.3) if adjust is TF.adjust_hue else (0.7, 1.3)
+                expected = adjust(expected, low + (high - low) * float(torch.rand((), generator=expected_generator)))
+        torch.testing.assert_close(jittered, expected.clamp(0, 1), atol=2e-4, rtol=0)
+        assert torch.equal(torch.rand(2, generator=generator), torch.rand(2, generator=expected_generator))

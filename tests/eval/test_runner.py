@@ -11,16 +11,10 @@ import pytest
 import torch
 from eval_helpers import tiny_vit
 
-from cribo.eval.cli_args import add_eval_parser, options_from_args, parse_fraction
-from cribo.eval.runner import (
-    FinetuneEvalOptions,
-    LinearEvalOptions,
-    NNEvalOptions,
-    resolve_input_size,
-    run_finetune,
-    run_linear,
-    run_nn,
-)
+from cribo.eval.commands import add_eval_parser
+from cribo.eval.options import FinetuneEvalOptions, LinearEvalOptions, NNEvalOptions, parse_fraction
+from cribo.eval.runner import run_finetune, run_linear, run_nn
+from cribo.options import options_from_args, resolve_input_size
 
 SCENES: dict[str, Any] = {"scenes_train_images": 6, "scenes_val_images": 3, "scenes_image_size": 32, "progress": False}
 

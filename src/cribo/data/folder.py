@@ -14,6 +14,8 @@ import numpy as np
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from cribo.files import check_regular_file
+
 logger = logging.getLogger(__name__)
 
 # File name endings recognised as images (compared case-insensitively).
@@ -79,8 +81,10 @@ def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
         The decoded RGB image, rotated/mirrored as its EXIF orientation tag says.
 
     Raises:
-        OSError: the file is missing, not an image or truncated (PIL's errors; see ``ImageFolder``).
+        OSError: the file is missing, not a regular file (a FIFO, socket or device would block or never end), not
+            an image or truncated (PIL's errors; see ``ImageFolder``).
     """
+    check_regular_file(path)
     with Image.open(path) as image:
         image.load()  # decode now, inside the `with`; truncated files raise here
         upright = ImageOps.exif_transpose(image)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,16 +32,22 @@ from typing import ClassVar, Literal, Protocol, runtime_checkable
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor
 from torchvision.transforms import InterpolationMode
 
+from cribo.augment import JITTER_STEPS, JitterStep, TorchRandom, apply_colour_jitter, random_crop_box
 from cribo.data.folder import IMAGE_EXTENSIONS, to_rgb
+from cribo.files import check_regular_file
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = 255  # label that no metric or loss counts (VOC borders; ADE20K "other" after remapping)
 MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff")
+SEGMENTATION_FLIP_PROBABILITY = 0.5  # mmseg's RandomFlip(prob=0.5) in the segmentation training pipeline
+EXIF_ORIENTATION = 0x0112  # the EXIF tag of the orientation: 1 upright, 2-8 mirrored and/or turned (EXIF 2.3 §4.6.4)
+EXIF_ROTATIONS = frozenset(range(2, 9))
+EXIF_TRANSPOSING = frozenset({5, 6, 7, 8})  # the orientations that swap width and height
 
 # Pascal VOC 2012: 20 object classes + background (the devkit's order).
 VOC_CLASS_NAMES = (
@@ -125,11 +130,12 @@ def read_label_mask(path: Path, allow_rgb_palette: bool = False) -> np.ndarray:
         (H, W) uint8 label array (the palette index for palette PNGs).
     """
     try:
+        check_regular_file(path)
         with Image.open(path) as mask:
             mode = mask.mode
             array = np.asarray(mask.convert("RGB") if mode in ("RGB", "RGBA") else mask)
     except OSError as error:
-        raise ValueError(f"{path}: cannot read the mask ({error})") from error
+        raise ValueError(f"{path}: cannot read the mask ({error.strerror or error})") from error
     if mode in ("RGB", "RGBA"):
         if not allow_rgb_palette:
             raise ValueError(f"{path}: a mask must be a single-channel label image (mode P, L or I), got {mode}")
@@ -161,22 +167,67 @@ def check_mask(mask: np.ndarray, image_size: tuple[int, int], num_classes: int, 
         )
 
 
-def load_image(path: Path) -> Image.Image:
+def load_image(path: Path, upright: bool = False) -> Image.Image:
     """Open an image as 8-bit RGB (``cribo.data.folder.to_rgb`` conversions), with a ValueError naming the file.
 
-    Unlike ``cribo.data.folder.load_rgb`` the EXIF orientation is NOT applied: label masks are stored in the
-    raw pixel orientation of their image, so rotating only the image would misalign the pair.
+    Args:
+        path: the image file.
+        upright: apply its EXIF orientation (see :func:`mask_orientation`: only where the mask was drawn on the
+            upright image).
     """
     try:
+        check_regular_file(path)
         with Image.open(path) as image:
             image.load()
-            return to_rgb(image)
+            return to_rgb(ImageOps.exif_transpose(image) if upright else image)
     except OSError as error:
-        raise ValueError(f"{path}: cannot read the image ({error})") from error
+        raise ValueError(f"{path}: cannot read the image ({error.strerror or error})") from error
+
+
+def exif_orientation(path: Path) -> tuple[int, tuple[int, int]]:
+    """The EXIF orientation tag of an image (1 = none) and its stored (width, height), from its header only."""
+    try:
+        check_regular_file(path)
+        with Image.open(path) as image:
+            return int(image.getexif().get(EXIF_ORIENTATION, 1)), image.size
+    except OSError as error:
+        raise ValueError(f"{path}: cannot read the image ({error.strerror or error})") from error
+
+
+def mask_orientation(image_path: Path, mask_path: Path) -> bool:
+    """Whether the mask of ``image_path`` was drawn on its EXIF-upright image (apply the orientation) or on its
+    stored pixels (do not).
+
+    Masks are usually drawn on the image as displayed, i.e. upright: the orientation is applied whenever the upright
+    image fits the mask. An orientation that swaps width and height (90-degree turns) is left out when only the
+    stored pixels fit the mask.
+
+    Raises:
+        ValueError: neither orientation of the image has the mask's size.
+    """
+    orientation, size = exif_orientation(image_path)
+    if orientation not in EXIF_ROTATIONS:
+        return False
+    if orientation not in EXIF_TRANSPOSING:
+        return True  # the size is the same both ways; the mask was drawn on the image as displayed
+    try:
+        with Image.open(mask_path) as mask:
+            mask_size = mask.size
+    except OSError as error:
+        raise ValueError(f"{mask_path}: cannot read the mask ({error})") from error
+    upright = (size[1], size[0])
+    if mask_size == upright:
+        return True
+    if mask_size == size:
+        return False
+    raise ValueError(
+        f"{mask_path}: mask is {mask_size[0]}x{mask_size[1]} but its image {image_path.name} is {size[0]}x{size[1]} "
+        f"({upright[0]}x{upright[1]} upright, EXIF orientation {orientation}); the mask must have the image's size"
+    )
 
 
 def _missing_error(kind: str, missing: list[Path]) -> ValueError:
-    shown = ", ".join(str(path) for path in missing[:5])
+    shown = ", ".join(str(path) + ("" if not path.exists() else " (not a regular file)") for path in missing[:5])
     more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
     return ValueError(f"missing {kind}: {shown}{more}")
 
@@ -205,6 +256,16 @@ class _FileSegmentation:
         self.class_names = tuple(class_names)
         self.num_classes = len(self.class_names)
         self.fingerprint = _fingerprint(name, self.num_classes, *(f"{i}:{m}" for i, m in zip(images, masks)))
+        self.upright = frozenset(index for index in range(len(images)) if mask_orientation(images[index], masks[index]))
+        if self.upright:  # features of these images differ from the stored pixels': a cache key of their own
+            self.fingerprint = _fingerprint(self.fingerprint, "upright", *sorted(self.upright))
+            example = images[min(self.upright)].name
+            logger.warning(
+                "%s: applied the EXIF orientation of %d image(s) (e.g. %s) so that they match their masks",
+                name,
+                len(self.upright),
+                example,
+            )
 
     def __len__(self) -> int:
         return len(self.images)
@@ -213,7 +274,7 @@ class _FileSegmentation:
         return labels
 
     def __getitem__(self, index: int) -> tuple[Image.Image, np.ndarray]:
-        image = load_image(self.images[index])
+        image = load_image(self.images[index], upright=index in self.upright)
         mask = self._remap(read_label_mask(self.masks[index], self.allow_rgb_palette), self.masks[index])
         check_mask(mask, image.size, self.num_classes, self.masks[index])
         return image, mask
@@ -321,6 +382,7 @@ class FolderSegmentation(_FileSegmentation):
         num_classes: int | None = None,
         background_index: int | None = None,
     ) -> None:
+        self.largest_label: tuple[int, Path | None] | None = None  # (label, mask file) when the classes are inferred
         image_dir, mask_dir = self.find_folders(Path(root), split)
         images = sorted(path for path in image_dir.iterdir() if path.suffix.lower() in IMAGE_EXTENSIONS)
         masks = [self._mask_for(mask_dir, path) for path in images]
@@ -356,8 +418,7 @@ class FolderSegmentation(_FileSegmentation):
                 return candidate
         return mask_dir / f"{image.stem}.png"  # reported as missing by the base class
 
-    @staticmethod
-    def _class_names(root: Path, split_root: Path, num_classes: int | None, masks: list[Path]) -> list[str]:
+    def _class_names(self, root: Path, split_root: Path, num_classes: int | None, masks: list[Path]) -> list[str]:
         for folder in (split_root, root):
             names_file = folder / "classes.txt"
             if names_file.is_file():
@@ -367,12 +428,14 @@ class FolderSegmentation(_FileSegmentation):
                 return names
         if num_classes is None:
             found = [
-                int(labels[labels != IGNORE_INDEX].max(initial=0))
-                for labels in map(read_label_mask, masks)
+                (int(labels[labels != IGNORE_INDEX].max(initial=0)), path)
+                for path, labels in zip(masks, map(read_label_mask, masks))
                 if labels.size
             ]
-            num_classes = max(found, default=0) + 1
-            logger.info("folder dataset: %d classes inferred from the largest mask label", num_classes)
+            largest, where = max(found, key=lambda item: item[0], default=(0, None))
+            num_classes = largest + 1
+            self.largest_label = (largest, where)
+            logger.info("folder dataset: %d classes inferred from the largest mask label (%s)", num_classes, where)
         if num_classes < 1 or num_classes > IGNORE_INDEX:
             raise ValueError(f"num_classes={num_classes} must lie in 1..{IGNORE_INDEX}")
         return [f"class_{label}" for label in range(num_classes)]
@@ -467,40 +530,6 @@ def resize_pair(image: Tensor, mask: Tensor, size: tuple[int, int]) -> tuple[Ten
     return resized.clamp_(0.0, 1.0), labels
 
 
-def _uniform(generator: torch.Generator, low: float, high: float) -> float:
-    return low + (high - low) * float(torch.rand((), generator=generator))
-
-
-def random_resized_crop_box(
-    height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float], generator: torch.Generator
-) -> tuple[int, int, int, int]:
-    """Draw a crop box (top, left, height, width) as torchvision's RandomResizedCrop does, from ``generator``.
-
-    Ten tries at an area fraction in ``scale`` and a log-uniform aspect ratio in ``ratio``; a box that does not
-    fit the image is rejected (scales above 1 therefore mostly fall back); the fallback is the largest centred
-    box with the ratio clamped to ``ratio``.
-    """
-    area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * _uniform(generator, *scale)
-        aspect = math.exp(_uniform(generator, *log_ratio))
-        crop_w = round(math.sqrt(target_area * aspect))
-        crop_h = round(math.sqrt(target_area / aspect))
-        if 0 < crop_w <= width and 0 < crop_h <= height:
-            top = int(torch.randint(0, height - crop_h + 1, (), generator=generator))
-            left = int(torch.randint(0, width - crop_w + 1, (), generator=generator))
-            return top, left, crop_h, crop_w
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        crop_w, crop_h = width, round(width / ratio[0])
-    elif in_ratio > ratio[1]:
-        crop_h, crop_w = height, round(height * ratio[1])
-    else:
-        crop_w, crop_h = width, height
-    return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
-
-
 def random_resized_crop_pair(
     image: Tensor,
     mask: Tensor,
@@ -509,25 +538,39 @@ def random_resized_crop_pair(
     ratio: tuple[float, float],
     generator: torch.Generator,
 ) -> tuple[Tensor, Tensor]:
-    """The same random resized crop of image (bilinear) and mask (nearest) to ``size`` x ``size``."""
-    top, left, crop_h, crop_w = random_resized_crop_box(image.shape[-2], image.shape[-1], scale, ratio, generator)
+    """The same random resized crop of image (bilinear) and mask (nearest) to ``size`` x ``size``.
+
+    The box is ``cribo.augment.random_crop_box``'s (torchvision's RandomResizedCrop draws), from ``generator``.
+    """
+    box = random_crop_box(image.shape[-1], image.shape[-2], scale, ratio, TorchRandom(generator))
+    top, left, crop_h, crop_w = (int(value) for value in (box.top, box.left, box.height, box.width))
     cropped = TF.resized_crop(image, top, left, crop_h, crop_w, [size, size], InterpolationMode.BILINEAR)
     labels = TF.resized_crop(mask[None], top, left, crop_h, crop_w, [size, size], InterpolationMode.NEAREST)[0]
     return cropped.clamp_(0.0, 1.0), labels
 
 
 def colour_jitter(image: Tensor, strength: float, probability: float, generator: torch.Generator) -> Tensor:
-    """Brightness, contrast, saturation (factor in 1 ± strength) and hue (± strength), each with ``probability``."""
-    adjustments = (
-        (TF.adjust_brightness, 1.0 - strength, 1.0 + strength),
-        (TF.adjust_contrast, 1.0 - strength, 1.0 + strength),
-        (TF.adjust_saturation, 1.0 - strength, 1.0 + strength),
-        (TF.adjust_hue, -strength, strength),
-    )
-    for adjust, low, high in adjustments:
-        if float(torch.rand((), generator=generator)) < probability:
-            image = adjust(image, _uniform(generator, low, high))
-    return image.clamp(0.0, 1.0)
+    """Brightness, contrast, saturation (factor in 1 ± strength) and hue (± strength), each with ``probability``.
+
+    Each change is drawn on its own, in that fixed order (a uniform draw against ``probability``, then its
+    factor), and applied with ``cribo.augment.apply_colour_jitter``.
+
+    Args:
+        image: (3, H, W) float RGB image in [0, 1] (not modified).
+        strength: half-width of the factor ranges and of the hue shift (turns).
+        probability: chance of each change.
+        generator: the random source (consumed).
+
+    Returns:
+        (3, H, W) float image in [0, 1].
+    """
+    rng = TorchRandom(generator)
+    steps: list[tuple[JitterStep, float]] = []
+    for step in JITTER_STEPS:
+        if rng.random() < probability:
+            low, high = (-strength, strength) if step == "hue" else (1.0 - strength, 1.0 + strength)
+            steps.append((step, rng.uniform(low, high)))
+    return apply_colour_jitter(image, steps, max_value=1.0).clamp(0.0, 1.0)
 
 
 def random_scale_crop_flip_pair(
@@ -536,18 +579,19 @@ def random_scale_crop_flip_pair(
     """Segmentation training augmentation: rescale so the short side is ``size`` x U(ratio_range), random
     ``size`` crop (padding with 0 / ignore when smaller), horizontal flip with p = 0.5 (mmseg-style, PROTOCOLS.md).
     """
+    rng = TorchRandom(generator)
     height, width = image.shape[-2:]
-    factor = size * _uniform(generator, *ratio_range) / min(height, width)
+    factor = size * rng.uniform(*ratio_range) / min(height, width)
     new_h, new_w = max(1, round(height * factor)), max(1, round(width * factor))
     image, mask = resize_pair(image, mask, (new_h, new_w))
     pad_h, pad_w = max(0, size - new_h), max(0, size - new_w)
     if pad_h or pad_w:
         image = torch.nn.functional.pad(image, (0, pad_w, 0, pad_h), value=0.0)
         mask = torch.nn.functional.pad(mask, (0, pad_w, 0, pad_h), value=IGNORE_INDEX)
-    top = int(torch.randint(0, image.shape[-2] - size + 1, (), generator=generator))
-    left = int(torch.randint(0, image.shape[-1] - size + 1, (), generator=generator))
+    top = rng.randint(0, image.shape[-2] - size)
+    left = rng.randint(0, image.shape[-1] - size)
     image, mask = image[:, top : top + size, left : left + size], mask[top : top + size, left : left + size]
-    if float(torch.rand((), generator=generator)) < 0.5:
+    if rng.random() < SEGMENTATION_FLIP_PROBABILITY:
         image, mask = image.flip(-1), mask.flip(-1)
     return image.contiguous(), mask.contiguous()
 

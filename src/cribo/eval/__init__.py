@@ -1,8 +1,9 @@
 """Evaluation of dense features: nearest-neighbour retrieval, linear segmentation, fine-tuning (PROTOCOLS.md).
 
 The cores take a ``FeatureFn`` (images (B, 3, H, W) in [0, 1] -> patch features (B, h, w, D)) so that any
-backbone, or a test fake, plugs in; ``cribo.eval.runner`` builds datasets and backbones from plain options,
-writes the JSON result file and the table (``cribo eval nn|linear|finetune``).
+backbone, or a test fake, plugs in; ``cribo.eval.runner`` builds datasets and backbones from plain options
+(``cribo.eval.options``), writes the JSON result file and the table; ``cribo.eval.commands`` registers
+``cribo eval nn|linear|finetune``.
 """
 
 from __future__ import annotations
@@ -12,17 +13,11 @@ from cribo.eval.finetune import FinetuneConfig, MaskTransformerDecoder, evaluate
 from cribo.eval.linear_seg import LinearConfig, LinearHead, SegEvalSettings, evaluate_linear, evaluate_segmenter
 from cribo.eval.metrics import SegmentationScores, confusion_matrix, intersection_over_union, segmentation_scores
 from cribo.eval.nn_retrieval import NNConfig, NNRun, evaluate_nn
-from cribo.eval.runner import (
-    EvalReport,
-    FinetuneEvalOptions,
-    LinearEvalOptions,
-    NNEvalOptions,
-    run_finetune,
-    run_linear,
-    run_nn,
-)
+from cribo.eval.options import EvalOptions, FinetuneEvalOptions, LinearEvalOptions, NNEvalOptions
+from cribo.eval.runner import EvalReport, run_finetune, run_linear, run_nn
 
 __all__ = [
+    "EvalOptions",
     "EvalReport",
     "FeatureCache",
     "FeatureFn",

@@ -213,6 +213,11 @@ def extract_features(feature_fn: FeatureFn, images: Tensor, device: torch.device
     return feature_fn(images.to(device, non_blocking=True)).float()
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class FeatureCache:
     """Tensors saved under ``directory/<key>.pt`` so that repeated evaluations of one backbone skip extraction.
 
@@ -230,24 +235,42 @@ class FeatureCache:
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
     def load(self, parts: dict[str, Any]) -> dict[str, Tensor] | None:
+        """The tensors cached under ``parts``; None when there are none or the entry is damaged (a warning says
+        so, and the caller computes and stores them again)."""
         if self.directory is None:
             return None
         path = self.directory / f"{self.key(parts)}.pt"
         if not path.is_file():
             return None
+        try:
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+        except MemoryError:
+            raise
+        except Exception as err:  # torch raises many types for a truncated or overwritten file
+            logger.warning("feature cache entry %s is damaged (%s); computing it again", path, _first_line(err))
+            return None
+        if not isinstance(cached, dict) or not all(isinstance(value, Tensor) for value in cached.values()):
+            logger.warning("feature cache entry %s does not hold named tensors; computing it again", path)
+            return None
         self.hits += 1
         logger.info("feature cache hit: %s", path)
-        return dict(torch.load(path, map_location="cpu", weights_only=True))
+        return dict(cached)
 
     def save(self, parts: dict[str, Any], tensors: dict[str, Tensor]) -> None:
+        """Store ``tensors`` under ``parts`` atomically; a failed write (disk full, read-only) only warns."""
         if self.directory is None:
             return
-        self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"{self.key(parts)}.pt"
-        temporary = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save({name: tensor.detach().cpu() for name, tensor in tensors.items()}, temporary)
-        (self.directory / f"{self.key(parts)}.json").write_text(json.dumps(parts, sort_keys=True, default=str))
-        os.replace(temporary, path)
+        temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            torch.save({name: tensor.detach().cpu() for name, tensor in tensors.items()}, temporary)
+            (self.directory / f"{self.key(parts)}.json").write_text(json.dumps(parts, sort_keys=True, default=str))
+            os.replace(temporary, path)
+        except (OSError, RuntimeError) as err:  # torch.save reports a failed write as a RuntimeError
+            logger.warning("could not write feature cache entry %s (%s); continuing without it", path, _first_line(err))
+        finally:
+            temporary.unlink(missing_ok=True)
 
     def get_or_compute(
         self, parts: dict[str, Any] | None, compute: Callable[[], dict[str, Tensor]]

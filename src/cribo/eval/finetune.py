@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from cribo import models
 from cribo.data.segmentation import SegmentationSet
 from cribo.eval.linear_seg import (
     PROTOCOL_MIN_LR_RATIO,
@@ -103,29 +104,19 @@ class SegmentationModel(nn.Module):
 
 
 def freeze_blocks(encoder: nn.Module, frozen_blocks: int) -> int:
-    """Freeze the patch embedding, prefix tokens, position embedding and the first ``frozen_blocks`` blocks of
-    ``encoder.backbone`` (a timm ViT); with every block frozen the final norm is frozen too.
+    """:func:`cribo.models.freeze_blocks` on ``encoder.backbone`` (a timm ViT); the rest of the encoder trains.
 
     Returns:
         The number of parameters left trainable in the encoder.
     """
     backbone: Any = getattr(encoder, "backbone", None)
-    depth = len(backbone.blocks) if backbone is not None and hasattr(backbone, "blocks") else 0
     if frozen_blocks and backbone is None:
         raise ValueError("frozen_blocks > 0 needs an encoder with a ViT `backbone` (blocks)")
-    if not 0 <= frozen_blocks <= depth:
-        raise ValueError(f"frozen_blocks={frozen_blocks} must lie in 0..{depth}")
     encoder.requires_grad_(True)
-    if frozen_blocks:
-        frozen: list[Any] = [backbone.patch_embed, *backbone.blocks[:frozen_blocks]]
-        if frozen_blocks == depth:
-            frozen.append(backbone.norm)
-        for module in frozen:
-            module.requires_grad_(False)
-        for name in ("cls_token", "reg_token", "pos_embed"):
-            parameter = getattr(backbone, name, None)
-            if isinstance(parameter, nn.Parameter):
-                parameter.requires_grad_(False)
+    if backbone is not None and hasattr(backbone, "blocks"):
+        models.freeze_blocks(backbone, frozen_blocks)
+    elif frozen_blocks < 0:
+        raise ValueError(f"frozen_blocks={frozen_blocks} must lie in 0..0")
     return sum(parameter.numel() for parameter in encoder.parameters() if parameter.requires_grad)
 
 

@@ -1,6 +1,6 @@
 """Command-level evaluations: build the datasets and the backbone from plain options, run, write a JSON result
 file and format a readable table. ``cribo eval nn|linear|finetune`` map their flags one to one onto the fields
-of ``NNEvalOptions`` / ``LinearEvalOptions`` / ``FinetuneEvalOptions`` (see ``cribo.eval.cli_args``).
+of ``NNEvalOptions`` / ``LinearEvalOptions`` / ``FinetuneEvalOptions`` (``cribo.eval.options``).
 
 Result files hold fractions in [0, 1] (not percent); tables print percent.
 """
@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -28,164 +28,22 @@ from cribo.data.segmentation import (
     VOCSegmentation,
     build_segmentation_dataset,
 )
-from cribo.eval.features import FeatureCache, PatchFeatures, PixelNorm, state_dict_checksum
-from cribo.eval.finetune import SEGMENTER_LAYERS, DecoderName, FinetuneConfig, evaluate_finetune
-from cribo.eval.linear_seg import (
-    PROTOCOL_LR,
-    PROTOCOL_WEIGHT_DECAY,
-    EvalMode,
-    LinearConfig,
-    SegEvalSettings,
-    evaluate_linear,
-)
+from cribo.eval.features import FeatureCache, PatchFeatures, state_dict_checksum
+from cribo.eval.finetune import FinetuneConfig, evaluate_finetune
+from cribo.eval.linear_seg import LinearConfig, SegEvalSettings, evaluate_linear
 from cribo.eval.metrics import SegmentationScores, segmentation_scores
-from cribo.eval.nn_retrieval import (
-    PROTOCOL_INPUT_SIZE,
-    PROTOCOL_K,
-    PROTOCOL_PASSES,
-    PROTOCOL_TEMPERATURE,
-    BankMode,
-    CacheIdentity,
-    NNConfig,
-    NNRun,
-    SearchMethod,
-    evaluate_nn,
+from cribo.eval.nn_retrieval import CacheIdentity, NNConfig, NNRun, evaluate_nn
+from cribo.eval.options import (
+    EvalOptions,
+    FinetuneEvalOptions,
+    LinearEvalOptions,
+    NNEvalOptions,
+    SupervisedEvalOptions,
 )
+from cribo.options import backbone_from_options, resolve_input_size
 from cribo.runtime import resolve_device
 
 logger = logging.getLogger(__name__)
-
-
-def describe(text: str) -> dict[str, str]:
-    """Field metadata holding the flag's help text (read by ``cribo.eval.cli_args``)."""
-    return {"help": text}
-
-
-@dataclass
-class EvalOptions:
-    """Options shared by the three evaluations (backbone, data, input, devices, output)."""
-
-    backbone: str = field(
-        default="", metadata=describe("checkpoint / state dict / .safetensors file, or random:<arch> / timm:<name>")
-    )
-    which: Literal["teacher", "student"] = field(
-        default="teacher", metadata=describe("network of checkpoints that hold both")
-    )
-    arch: str | None = field(
-        default=None, metadata=describe("architecture when the file does not say (vit_small, vit_base, timm name)")
-    )
-    patch_size: int | None = field(default=None, metadata=describe("patch size when the file does not say"))
-    allow_pickle: bool = field(
-        default=False, metadata=describe("allow unpickling a checkpoint the safe loader refuses (trusted files only)")
-    )
-    dataset: DatasetName = field(default="scenes", metadata=describe("dataset layout"))
-    data_root: str | None = field(
-        default=None, metadata=describe("dataset folder (voc: VOC2012 or its parent; ade20k; folder)")
-    )
-    train_split: str | None = field(
-        default=None, metadata=describe("training split (default: voc trainaug if present else train; ...)")
-    )
-    val_split: str | None = field(default=None, metadata=describe("validation split (default: val / validation)"))
-    num_classes: int | None = field(
-        default=None, metadata=describe("folder layout: number of classes (default classes.txt or max label)")
-    )
-    scenes_train_images: int = field(default=64, metadata=describe("scenes: training images"))
-    scenes_val_images: int = field(default=16, metadata=describe("scenes: validation images"))
-    scenes_image_size: int = field(default=96, metadata=describe("scenes: image side in pixels"))
-    scenes_seed: int = field(default=0, metadata=describe("scenes: generator seed"))
-    input_size: int | None = field(
-        default=None, metadata=describe("network input side (default: scenes size, else 512; multiple of patch)")
-    )
-    layers: int = field(default=1, metadata=describe("concatenate the patch tokens of the last n blocks"))
-    pixel_norm: PixelNorm = field(
-        default="imagenet", metadata=describe("pixel statistics: imagenet (pretraining) or half ([-1,1], mmseg)")
-    )
-    batch_size: int = field(default=16, metadata=describe("images per feature-extraction / evaluation batch"))
-    num_workers: int = field(default=0, metadata=describe("data-loading worker processes"))
-    device: str = field(default="auto", metadata=describe("torch device (auto: the accelerator if present, else cpu)"))
-    cache_dir: str | None = field(
-        default=None, metadata=describe("cache extracted features here (keyed by backbone checksum and data)")
-    )
-    output: str | None = field(
-        default=None,
-        metadata=describe("result JSON file or folder (default runs/eval/<command>_<dataset>_<time>.json)"),
-    )
-    progress: bool = field(default=True, metadata=describe("show progress bars"))
-
-
-@dataclass
-class NNEvalOptions(EvalOptions):
-    """``cribo eval nn``: dense nearest-neighbour retrieval (PROTOCOLS.md)."""
-
-    k: int = field(default=PROTOCOL_K, metadata=describe("neighbours per query patch"))
-    temperature: float = field(
-        default=PROTOCOL_TEMPERATURE, metadata=describe("softmax temperature on cosine similarities")
-    )
-    mode: BankMode = field(
-        default="deterministic", metadata=describe("bank images: resized once (deterministic) or augmented passes")
-    )
-    passes: int = field(default=PROTOCOL_PASSES, metadata=describe("augmented passes over the training images"))
-    bank_cap: int | None = field(
-        default=None, metadata=describe("maximum bank rows (protocol 10240000), rare-class-favouring sampling")
-    )
-    fractions: tuple[float, ...] = field(default=(1.0,), metadata=describe("training fractions, e.g. 1/128 1/64 1/8 1"))
-    seeds: tuple[int, ...] = field(
-        default=(0,), metadata=describe("one training subset / augmentation draw per seed (protocol: 0 1 2 3 4)")
-    )
-    search: SearchMethod = field(
-        default="auto", metadata=describe("auto (torch on accelerators, faiss on cpu), torch, faiss, faiss-ivf")
-    )
-    ivf_lists: int = field(default=1024, metadata=describe("faiss-ivf: number of inverted lists"))
-    ivf_probe: int = field(default=32, metadata=describe("faiss-ivf: lists searched per query"))
-    hungarian: bool = field(
-        default=False, metadata=describe("Hungarian matching of predicted to true classes before scoring")
-    )
-    eval_resolution: Literal["input", "original"] = field(
-        default="input", metadata=describe("score at the input size or original size")
-    )
-    query_chunk: int = field(default=16384, metadata=describe("query patches per search call"))
-
-
-@dataclass
-class LinearEvalOptions(EvalOptions):
-    """``cribo eval linear``: 1x1 classifier on frozen patch tokens."""
-
-    steps: int = field(default=500, metadata=describe("classifier training steps"))
-    train_batch_size: int = field(default=16, metadata=describe("images per classifier step"))
-    lr: float = field(default=PROTOCOL_LR, metadata=describe("Adam learning rate (polynomial decay)"))
-    weight_decay: float = field(default=PROTOCOL_WEIGHT_DECAY, metadata=describe("Adam weight decay"))
-    mode: Literal["deterministic", "augmented"] = field(
-        default="deterministic", metadata=describe("training crops: resized or augmented")
-    )
-    passes: int = field(default=1, metadata=describe("augmented passes (features extracted once per pass)"))
-    head_batch_norm: bool = field(default=True, metadata=describe("BatchNorm before the 1x1 classifier"))
-    eval_mode: EvalMode = field(
-        default="resize", metadata=describe("resize (to input size) or slide (windows on a short side = input size)")
-    )
-    slide_stride: int | None = field(default=None, metadata=describe("slide stride (default input_size * 15/16)"))
-    seed: int = field(default=0, metadata=describe("initialisation / sampling / augmentation seed"))
-
-
-@dataclass
-class FinetuneEvalOptions(EvalOptions):
-    """``cribo eval finetune``: backbone and decoder trained together."""
-
-    steps: int = field(default=50, metadata=describe("training steps"))
-    train_batch_size: int = field(default=8, metadata=describe("images per step"))
-    lr: float = field(default=1e-4, metadata=describe("backbone AdamW learning rate (polynomial decay)"))
-    decoder_lr: float = field(default=1e-3, metadata=describe("decoder AdamW learning rate"))
-    weight_decay: float = field(default=0.01, metadata=describe("AdamW weight decay"))
-    frozen_blocks: int = field(
-        default=0, metadata=describe("number of first ViT blocks kept frozen (with the patch embedding)")
-    )
-    decoder: DecoderName = field(default="linear", metadata=describe("linear (1x1) or mask_transformer (Segmenter)"))
-    decoder_dim: int = field(default=192, metadata=describe("mask transformer width"))
-    decoder_layers: int = field(default=SEGMENTER_LAYERS, metadata=describe("mask transformer layers"))
-    eval_mode: EvalMode = field(
-        default="resize", metadata=describe("resize (to input size) or slide (windows on a short side = input size)")
-    )
-    slide_stride: int | None = field(default=None, metadata=describe("slide stride (default input_size * 15/16)"))
-    seed: int = field(default=0, metadata=describe("initialisation / sampling / augmentation seed"))
 
 
 @dataclass
@@ -237,18 +95,20 @@ def build_datasets(options: EvalOptions) -> tuple[SegmentationSet, SegmentationS
         )
         sets.append(build_segmentation_dataset(spec))
     if sets[0].num_classes != sets[1].num_classes:
-        raise ValueError(f"train split has {sets[0].num_classes} classes but val split {sets[1].num_classes}")
+        inferred = [
+            f"{role}: largest label {found[0]} in {found[1]}"
+            for role, dataset in zip(("train", "val"), sets)
+            if (found := getattr(dataset, "largest_label", None)) is not None
+        ]
+        advice = (
+            f" ({'; '.join(inferred)}); add a classes.txt that lists every class, or pass --num-classes"
+            if inferred
+            else ""
+        )
+        raise ValueError(
+            f"the train split has {sets[0].num_classes} classes but the val split {sets[1].num_classes}{advice}"
+        )
     return sets[0], sets[1]
-
-
-def resolve_input_size(options: EvalOptions, patch_size: int) -> int:
-    """``input_size`` or the default (scenes: their size; else 512), rounded down to a multiple of the patch."""
-    if options.input_size is not None:
-        if options.input_size < patch_size or options.input_size % patch_size:
-            raise ValueError(f"input_size={options.input_size} must be a positive multiple of the patch {patch_size}")
-        return options.input_size
-    base = options.scenes_image_size if options.dataset == "scenes" else PROTOCOL_INPUT_SIZE
-    return max(patch_size, base // patch_size * patch_size)
 
 
 def _jsonable(value: Any) -> Any:
@@ -268,7 +128,7 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def _backbone_identity(options: EvalOptions, backbone: nn.Module, info: Any) -> dict[str, Any]:
+def _backbone_identity(options: EvalOptions, backbone: nn.Module, info: object) -> dict[str, Any]:
     described = _jsonable(info) if dataclasses.is_dataclass(info) else {"repr": repr(info)}
     if isinstance(described, dict) and "loaded_keys" in described:
         described["loaded_keys"] = len(described["loaded_keys"])  # the count; the names are the model's own
@@ -281,22 +141,12 @@ def _backbone_identity(options: EvalOptions, backbone: nn.Module, info: Any) -> 
     }
 
 
-def prepare(options: EvalOptions, backbone: tuple[nn.Module, Any] | None = None) -> _Context:
-    """Datasets, backbone (``cribo.models.load_backbone`` unless given), device, feature extractor."""
+def prepare(options: EvalOptions, backbone: tuple[nn.Module, object] | None = None) -> _Context:
+    """Datasets, backbone (``cribo.options.backbone_from_options`` unless given), device, feature extractor."""
     if not options.backbone and backbone is None:
-        raise ValueError("backbone is required: a checkpoint file, random:<arch> or timm:<name>")
+        raise ValueError("backbone is required: a checkpoint file, random:<arch>[@<seed>] or timm:<name>[@<seed>]")
     train_set, val_set = build_datasets(options)
-    if backbone is None:
-        from cribo.models import load_backbone
-
-        backbone = load_backbone(
-            options.backbone,
-            which=options.which,
-            arch=options.arch,
-            patch_size=options.patch_size,
-            allow_pickle=options.allow_pickle,
-        )
-    module, info = backbone
+    module, info = backbone_from_options(options) if backbone is None else backbone
     device = resolve_device(options.device)
     identity = _backbone_identity(options, module, info)
     encoder = PatchFeatures(module, options.layers, options.pixel_norm).to(device).eval()
@@ -433,7 +283,7 @@ def _nn_summary(runs: list[NNRun], class_names: tuple[str, ...] | list[str]) -> 
     return summary
 
 
-def run_nn(options: NNEvalOptions, backbone: tuple[nn.Module, Any] | None = None) -> EvalReport:
+def run_nn(options: NNEvalOptions, backbone: tuple[nn.Module, object] | None = None) -> EvalReport:
     """``cribo eval nn``: retrieval mIoU for every fraction x seed; headline = mean over seeds of the largest
     fraction. ``backbone`` = an already loaded ``(module, info)`` pair (else ``options.backbone`` is loaded)."""
     started = time.perf_counter()
@@ -498,7 +348,7 @@ def _supervised_results(scores: SegmentationScores, names: tuple[str, ...], extr
     return {**scores_dict(scores, names), **extra}
 
 
-def run_linear(options: LinearEvalOptions, backbone: tuple[nn.Module, Any] | None = None) -> EvalReport:
+def run_linear(options: LinearEvalOptions, backbone: tuple[nn.Module, object] | None = None) -> EvalReport:
     """``cribo eval linear``: train a 1x1 classifier on frozen features, evaluate mIoU on the val split."""
     started = time.perf_counter()
     context = prepare(options, backbone)
@@ -517,7 +367,7 @@ def run_linear(options: LinearEvalOptions, backbone: tuple[nn.Module, Any] | Non
         seed=options.seed,
         progress=options.progress,
     )
-    settings = _eval_settings(options, context.input_size, options.eval_mode, options.slide_stride)
+    settings = _eval_settings(options, context.input_size)
     cache = FeatureCache(options.cache_dir) if options.cache_dir else None
     result = evaluate_linear(
         context.encoder, context.train_set, context.val_set, config, settings, context.device, cache, context.cache_id
@@ -533,11 +383,13 @@ def run_linear(options: LinearEvalOptions, backbone: tuple[nn.Module, Any] | Non
     return _finish("linear", options, _payload("linear", options, context, results))
 
 
-def _eval_settings(options: EvalOptions, input_size: int, mode: EvalMode, stride: int | None) -> SegEvalSettings:
-    return SegEvalSettings(input_size, mode, stride, options.batch_size, options.num_workers, options.progress)
+def _eval_settings(options: SupervisedEvalOptions, input_size: int) -> SegEvalSettings:
+    return SegEvalSettings(
+        input_size, options.eval_mode, options.slide_stride, options.batch_size, options.num_workers, options.progress
+    )
 
 
-def run_finetune(options: FinetuneEvalOptions, backbone: tuple[nn.Module, Any] | None = None) -> EvalReport:
+def run_finetune(options: FinetuneEvalOptions, backbone: tuple[nn.Module, object] | None = None) -> EvalReport:
     """``cribo eval finetune``: train backbone (minus ``frozen_blocks``) and decoder, evaluate mIoU."""
     started = time.perf_counter()
     context = prepare(options, backbone)
@@ -556,7 +408,7 @@ def run_finetune(options: FinetuneEvalOptions, backbone: tuple[nn.Module, Any] |
         seed=options.seed,
         progress=options.progress,
     )
-    settings = _eval_settings(options, context.input_size, options.eval_mode, options.slide_stride)
+    settings = _eval_settings(options, context.input_size)
     result = evaluate_finetune(
         context.encoder, context.encoder.out_dim, context.train_set, context.val_set, config, settings, context.device
     )
