@@ -182,6 +182,11 @@ def last_window(history: list[dict[str, float]], key: str, fraction: float = 0.2
     return sum(tail) / len(tail)
 
 
+def logged(variant: str, key: str) -> bool:
+    """Whether ``variant`` computes the loss term ``key`` (DINO-only's step skips the object terms)."""
+    return variant != "random" and (variant != "dino" or key == "d_loss")
+
+
 def main_table(records: dict[tuple[str, int], qc.RunRecord], variants: Sequence[str], seeds: Sequence[int]) -> str:
     rows = []
     for variant in variants:
@@ -191,7 +196,7 @@ def main_table(records: dict[tuple[str, int], qc.RunRecord], variants: Sequence[
             values = [final_metric(r, metric) for r in runs]
             cells.append(qc.summarize(values).text() + "<br>(" + ", ".join(qc.fmt(v) for v in values) + ")")
         losses = [
-            qc.fmt(qc.summarize([last_window(r.history, key) for r in runs]).mean, 2) if variant != "random" else "–"
+            qc.fmt(qc.summarize([last_window(r.history, key) for r in runs]).mean, 2) if logged(variant, key) else "–"
             for key in ("d_loss", "s_loss", "nn_loss")
         ]
         cells.append(" / ".join(losses))
@@ -282,10 +287,10 @@ def plot_curves(
     fig, axes = plt.subplots(2, 3, figsize=(13, 7), constrained_layout=True)
     trained = [v for v in variants if v != "random"]
     for ax, (key, title) in zip(axes.flat, CURVES):
-        for variant in trained:
+        for variant in (v for v in trained if logged(v, key)):
             steps, means = mean_curve([r.history for r in per_variant(records, variant, seeds)], key)
             ax.plot(steps, means, label=qc.VARIANTS[variant].label)
-        note = "\n(logged but not trained where its weight is 0)" if key in ("s_loss", "nn_loss") else ""
+        note = "\n(logged but not trained where its weight is 0)" if key == "nn_loss" else ""
         ax.set_title(title + note, fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -442,7 +447,8 @@ def write_report(
         f"Setup: {scale.description}; {steps} steps per run; seeds {list(seeds)}; extra overrides "
         f"`{' '.join(args.set) or 'none'}`. Variants are loss-term weights (`weight_global`, `weight_object`, "
         "`weight_cross_image` of the loss config): DINO-only = 1/0/0, CrIBo w/o cross-image = 1/1/0, CrIBo = "
-        "1/1/1; clustering and matching still run in every variant, so the untrained terms are logged too. "
+        "1/1/1; DINO-only runs the step's DINO path (no clustering, matching or object bank; its object terms "
+        "log as 0), the other two variants run everything. "
         f"The teacher is scored on {e.val_images} held-out val scenes at {e.input_size} px: dense NN retrieval "
         f"(bank = {e.train_images} train scenes, k = {e.k}, temperature {e.temperature})"
         + ("" if args.no_linear else f" and a linear probe ({e.linear_steps} steps)")

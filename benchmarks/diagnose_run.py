@@ -47,16 +47,19 @@ def target_statistics(trainer: Any, temperatures: tuple[float, float]) -> dict[s
     import torch
     import torch.nn.functional as F
 
-    from cribo.train import split_tokens, step_values, teacher_objects
+    from cribo.step import split_tokens, teacher_objects
 
-    trainer.sampler.set_position(TARGET_EPOCH, 0)
-    batch = next(iter(trainer.loader))
-    values = step_values(trainer)
+    modules = trainer.modules
+    trainer.data.sampler.set_position(TARGET_EPOCH, 0)
+    batch = next(iter(trainer.data.loader))
+    values = trainer.values()
     images = batch.images.transpose(0, 1).flatten(0, 1)
-    head, criterion = trainer.teacher.head, trainer.criterion
+    head, criterion = modules.teacher.head, modules.criterion
     with torch.no_grad():
-        cls, patches = split_tokens(trainer.teacher(images), batch.positions.shape[0])
-        _, _, objects, _ = teacher_objects(trainer, patches, batch.positions, values)
+        cls, patches = split_tokens(modules.teacher(images), batch.positions.shape[0])
+        _, _, objects, _ = teacher_objects(
+            patches, batch.positions, values.pos_alpha, trainer.settings, modules.cluster_generator
+        )
         inputs = {
             "cls": (cls, head.last_layer, criterion.center.center, temperatures[0]),
             "objects": (objects.flatten(0, 1), head.last_layer_c, criterion.center_c.center, temperatures[1]),
@@ -132,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from cribo import checkpoint
     from cribo import config as config_lib
-    from cribo.train import build_trainer, load_state
+    from cribo.train import build_trainer
 
     torch.set_num_threads(args.threads)
     config = config_lib.from_dict(yaml.safe_load((args.run / "config.yaml").read_text()))
@@ -144,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             trained_step = 0
             if label == "trained":
                 state = checkpoint.load(args.run / checkpoint.CHECKPOINT_NAME)
-                load_state(trainer, state)
+                checkpoint.load_trainer(trainer, state)
                 trained_step = int(state["step"])
             trainer.epoch, trainer.step = TARGET_EPOCH, TARGET_EPOCH * trainer.iters_per_epoch
             line = {
@@ -152,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "run": str(args.run),
                 "step": trained_step,
                 "targets": target_statistics(trainer, temperatures),
-                "objects": object_matching(trainer.teacher.backbone, config.model.patch_size, config.data.image_size),
+                "objects": object_matching(trainer.modules.teacher.backbone, config.model.patch_size, config.data.image_size),
             }
             print(json.dumps(line), flush=True)
     return 0

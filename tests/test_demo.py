@@ -48,7 +48,7 @@ def test_demo_scores_the_teacher_against_its_random_init(tmp_path: Path) -> None
         assert set(score.per_class_iou) >= {"background", "disc"}
         assert json.loads(score.path.read_text())["miou"] == pytest.approx(score.miou)
     # The random init is the teacher the run started from: a fresh trainer of the same seed scores the same.
-    fresh = build_trainer(config).teacher.backbone
+    fresh = build_trainer(config).modules.teacher.backbone
     again = score_backbone(fresh, config, tmp_path / "again.json", EVAL)
     assert again.miou == pytest.approx(result.random_init.miou, abs=1e-9)
     text = summary_text(result)

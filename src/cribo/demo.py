@@ -96,7 +96,7 @@ def nn_options(config: TrainConfig, output: Path, evaluation: DemoEval = DemoEva
 def score_backbone(backbone: Any, config: TrainConfig, output: Path, evaluation: DemoEval = DemoEval()) -> NNScore:
     """Dense NN retrieval of ``backbone`` (a timm ViT) with :func:`nn_options`; the JSON goes to ``output``."""
     from cribo.eval import run_nn
-    from cribo.models import BackboneInfo
+    from cribo.hub import BackboneInfo
 
     info = BackboneInfo(
         source="cribo",
@@ -128,11 +128,11 @@ def run_demo(config: TrainConfig, progress_bar: bool = True, evaluation: DemoEva
 
     output_dir = Path(config.run.output_dir)
     trainer = build_trainer(config)
-    initial = copy.deepcopy(trainer.teacher.backbone)
+    initial = copy.deepcopy(trainer.modules.teacher.backbone)
     random_init = score_backbone(initial, config, output_dir / "nn_random_init.json", evaluation)
     del initial
     result = fit(trainer, progress_bar=progress_bar)
-    trained = score_backbone(trainer.teacher.backbone, config, output_dir / "nn_teacher.json", evaluation)
+    trained = score_backbone(trainer.modules.teacher.backbone, config, output_dir / "nn_teacher.json", evaluation)
     curves = plot_training_curves(result.history, result.output_dir / "training_curves.png")
     return DemoResult(
         evaluation, result.output_dir, result.epoch, result.step, result.history, random_init, trained, curves
