@@ -730,7 +730,7 @@ def malloc_section(
         "glibc serves every allocation above 32 MiB (a (2n, 65 536) float32 tensor is ~125 MB at A) with a fresh "
         "`mmap` and unmaps it when freed, so each large temporary is page-faulted in again. The step avoids "
         "such temporaries (fused head losses in small column blocks, targets in a workspace kept between steps, "
-        "the fused AdamW kernel), and on CPU `build_trainer` asks glibc to keep freed memory for reuse "
+        "the fused AdamW kernel), and on CPU `cribo train` asks glibc to keep freed memory for reuse "
         "(`mallopt(M_MMAP_THRESHOLD / M_TRIM_THRESHOLD, 2 GiB)`, `cribo.runtime.keep_freed_memory`, on by default, "
         "`--keep_freed_memory false` turns it off). The right-hand columns are the same step with it off "
         "(glibc's defaults), to size what it buys and what it costs in memory.",
