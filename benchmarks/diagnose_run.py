@@ -155,7 +155,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "run": str(args.run),
                 "step": trained_step,
                 "targets": target_statistics(trainer, temperatures),
-                "objects": object_matching(trainer.modules.teacher.backbone, config.model.patch_size, config.data.image_size),
+                "objects": object_matching(
+                    trainer.modules.teacher.backbone, config.model.patch_size, config.data.image_size
+                ),
             }
             print(json.dumps(line), flush=True)
     return 0
