@@ -557,7 +557,15 @@ def parts_table(results: dict[str, dict[str, Any]], sizes: dict[str, dict[str, A
                 f"≤ {goal.max_seconds * 1e3} ms {_ok(res['seconds'] <= goal.max_seconds)}" if is_goal else "–",
             ]
         )
-    headers = ["part", "setting", "time (ours)", "peak RSS rise (ours)", "time (authors, quoted: another run)", "memory (authors, quoted)", "goal"]
+    headers = [
+        "part",
+        "setting",
+        "time (ours)",
+        "peak RSS rise (ours)",
+        "time (authors, quoted: another run)",
+        "memory (authors, quoted)",
+        "goal",
+    ]
     return common.markdown_table(headers, rows)
 
 
