@@ -58,3 +58,15 @@ def test_demo_scores_the_teacher_against_its_random_init(tmp_path: Path) -> None
     # Rerunning resumes the finished run: no more steps, the same trained teacher.
     rerun = run_demo(config, progress_bar=False, evaluation=EVAL)
     assert rerun.step == result.step and rerun.trained.miou == pytest.approx(result.trained.miou, abs=1e-9)
+
+
+def test_demo_from_init_weights_scores_those_weights_as_its_start(tmp_path: Path) -> None:
+    first = run_demo(tiny_config(tmp_path / "first"), progress_bar=False, evaluation=EVAL)
+    weights = tmp_path / "first" / "checkpoint.pth"
+    config = config_lib.resolve(
+        preset="tiny-cpu", overrides={**TINY, "output_dir": str(tmp_path / "second"), "init": str(weights)}
+    )
+    second = run_demo(config, progress_bar=False, evaluation=EVAL)
+    # The start is the first run's trained teacher, not a random network.
+    assert second.random_init.miou == pytest.approx(first.trained.miou, abs=1e-9)
+    assert f"its --init weights {weights}" in summary_text(second).splitlines()[-1]

@@ -72,9 +72,10 @@ class DemoResult:
     epoch: int
     step: int
     history: list[dict[str, float]]
-    random_init: NNScore
+    random_init: NNScore  # the starting weights: the random init, or the --init weights when given
     trained: NNScore
     curves: Path
+    baseline: str = "random init of the same seed"  # what ``random_init`` scored
 
 
 def nn_options(config: TrainConfig, output: Path, evaluation: DemoEval = DemoEval()) -> Any:
@@ -117,17 +118,21 @@ def score_backbone(backbone: Any, config: TrainConfig, output: Path, evaluation:
 
 
 def run_demo(config: TrainConfig, progress_bar: bool = True, evaluation: DemoEval = DemoEval()) -> DemoResult:
-    """Score the random-init teacher, pretrain (or resume) with ``config``, score the trained teacher.
+    """Score the starting teacher, pretrain (or resume) with ``config``, score the trained teacher.
 
-    The random initialisation is the teacher of a freshly built trainer of the same seed, scored before
-    ``fit`` (which loads a checkpoint when one exists), so the comparison is paired: same weights at step 0,
-    same evaluation scenes.
+    The starting teacher is that of a freshly built trainer of the same seed (its random initialisation, or the
+    ``model.init`` weights when given), scored before ``fit`` (which loads a checkpoint when one exists), so the
+    comparison is paired: same weights at step 0, same evaluation scenes.
     """
-    from cribo.train import build_trainer, fit
+    from cribo.train import apply_init, build_trainer, fit
     from cribo.viz import plot_training_curves
 
     output_dir = Path(config.run.output_dir)
     trainer = build_trainer(config)
+    baseline = DemoResult.baseline
+    if config.model.init:  # the run starts from these weights (fit loads them again on a fresh run)
+        apply_init(trainer)
+        baseline = f"its --init weights {config.model.init}"
     initial = copy.deepcopy(trainer.modules.teacher.backbone)
     random_init = score_backbone(initial, config, output_dir / "nn_random_init.json", evaluation)
     del initial
@@ -135,7 +140,15 @@ def run_demo(config: TrainConfig, progress_bar: bool = True, evaluation: DemoEva
     trained = score_backbone(trainer.modules.teacher.backbone, config, output_dir / "nn_teacher.json", evaluation)
     curves = plot_training_curves(result.history, result.output_dir / "training_curves.png")
     return DemoResult(
-        evaluation, result.output_dir, result.epoch, result.step, result.history, random_init, trained, curves
+        evaluation,
+        result.output_dir,
+        result.epoch,
+        result.step,
+        result.history,
+        random_init,
+        trained,
+        curves,
+        baseline,
     )
 
 
@@ -150,9 +163,9 @@ def summary_text(result: DemoResult) -> str:
         f"  curves     : {result.curves}",
         f"\n  Dense NN retrieval of the teacher's patch tokens on {result.evaluation.val_scenes} held-out scenes "
         f"(bank: {result.evaluation.train_scenes} scenes, k = 30, temperature 0.02; {result.trained.path.name}):",
-        f"    object classes only: {result.trained.object_miou:.3f} (random init {result.random_init.object_miou:.3f}, "
+        f"    object classes only: {result.trained.object_miou:.3f} (start {result.random_init.object_miou:.3f}, "
         f"{object_gain:+.3f})",
-        f"  dense NN mIoU: {result.trained.miou:.3f} (random init of the same seed: {result.random_init.miou:.3f}, "
+        f"  dense NN mIoU: {result.trained.miou:.3f} ({result.baseline}: {result.random_init.miou:.3f}, "
         f"{gain:+.3f})",
     ]
     return "\n".join(lines)
