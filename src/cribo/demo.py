@@ -165,7 +165,6 @@ def summary_text(result: DemoResult) -> str:
         f"(bank: {result.evaluation.train_scenes} scenes, k = 30, temperature 0.02; {result.trained.path.name}):",
         f"    object classes only: {result.trained.object_miou:.3f} (start {result.random_init.object_miou:.3f}, "
         f"{object_gain:+.3f})",
-        f"  dense NN mIoU: {result.trained.miou:.3f} ({result.baseline}: {result.random_init.miou:.3f}, "
-        f"{gain:+.3f})",
+        f"  dense NN mIoU: {result.trained.miou:.3f} ({result.baseline}: {result.random_init.miou:.3f}, {gain:+.3f})",
     ]
     return "\n".join(lines)
