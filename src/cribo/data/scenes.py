@@ -630,6 +630,18 @@ class SyntheticScenes:
             image += rng.normal(0.0, self.pixel_noise, size=image.shape)
         return np.clip(np.rint(image), 0, 255).astype(np.uint8), painted, background
 
+    def _background(self, rng: np.random.Generator) -> tuple[Array, str]:
+        """The background of the ``"texture"`` and ``"silhouette"`` cues: a smooth random field (or the plain
+        colour with ``plain_background``, drawn all the same so that the objects' draws do not change); float64
+        (H, W, 3) in [0, 255] and its name."""
+        x, y = self._coords[None, :], self._coords[:, None]
+        background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+        image = np.array(_smooth_field(background, x, y, self.image_size / REFERENCE_SIZE, rng), dtype=np.float64)
+        if self.plain_background:
+            background = "plain"
+            image[...] = PLAIN_BACKGROUND
+        return image, background
+
     def _paint_patterns(
         self, objects: tuple[SceneObject, ...], instances: Array, rng: np.random.Generator
     ) -> tuple[Array, tuple[SceneObject, ...], str]:
@@ -638,11 +650,7 @@ class SyntheticScenes:
         size = self.image_size
         scale = size / REFERENCE_SIZE
         x, y = self._coords[None, :], self._coords[:, None]
-        background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
-        image = np.array(_smooth_field(background, x, y, scale, rng), dtype=np.float64)
-        if self.plain_background:
-            background = "plain"
-            image[...] = PLAIN_BACKGROUND
+        image, background = self._background(rng)
         painted: list[SceneObject] = []
         for instance_id, obj in enumerate(objects, start=1):
             name = self.object_names[obj.class_index - 1]
@@ -662,14 +670,7 @@ class SyntheticScenes:
     ) -> tuple[Array, tuple[SceneObject, ...], str]:
         """``"silhouette"`` cue: a smooth background, each object filled with one flat colour (a jittered palette
         entry); returns float64 (H, W, 3) in [0, 255] before noise, the painted objects and the background."""
-        size = self.image_size
-        scale = size / REFERENCE_SIZE
-        x, y = self._coords[None, :], self._coords[:, None]
-        background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
-        image = np.array(_smooth_field(background, x, y, scale, rng), dtype=np.float64)
-        if self.plain_background:
-            background = "plain"
-            image[...] = PLAIN_BACKGROUND
+        image, background = self._background(rng)
         painted: list[SceneObject] = []
         for instance_id, obj in enumerate(objects, start=1):
             fill, _ = _jittered(_pattern_colours(rng, self.palette_size), rng, self.colour_jitter)
