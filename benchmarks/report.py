@@ -22,7 +22,7 @@ RESULTS_DIR = BENCH_DIR / "results"
 OUTPUT = REPO_ROOT / "BENCHMARKS.md"
 
 SPEED_SECTIONS: tuple[str, ...] = ("bench_step", "bench_parts", "bench_scaling", "bench_gpu")
-QUALITY_SECTIONS: tuple[str, ...] = ("regression", "ablation", "scenes")
+QUALITY_SECTIONS: tuple[str, ...] = ("regression", "ablation", "ablation_search", "scenes")
 ORDER: tuple[str, ...] = SPEED_SECTIONS + QUALITY_SECTIONS
 # A markdown link or image whose target is a bare relative file name (no scheme, no folder, no anchor).
 _LOCAL_LINK = re.compile(r"(!?\[[^\]]*\]\()([^)/:#\s]+)(\))")
@@ -34,11 +34,13 @@ and assembled by `python benchmarks/report.py`. Every section states the command
 (CPU, cores, torch version, threads), the date and the load average at the time; re-run a script to refresh its
 section.
 
-The CPU speed and memory sections compare against the authors' implementation (ICLR 2024 code, unmodified),
-measured in another run on a machine of the same kind (2 cores, fp32, 2 threads, torch 2.14.1); those figures
-are quoted from `reference/README.md` ("Performance of the authors' implementation on a 2-core CPU") and vary
-by about ±10 % between runs. Ratios are *authors / ours* for time (higher is better for us). Timings taken
-while the machine was busy (load average above 1.5 on 2 cores) are flagged in their section and are inflated.
+The CPU speed and memory sections compare against the authors' implementation (ICLR 2024 code, unmodified,
+imported from a scratch folder outside the project by `../shared/refharness`), timed in the same run as ours,
+interleaved round by round, each side in its own fresh process with the same threads: every ratio is *authors /
+ours* from the same round (higher is better for us), with the spread over rounds. Figures quoted from
+`reference/README.md` (another run, another day; these machines vary by up to 3x between days) appear only in
+columns labelled as quoted. Timings taken while the machine was busy (load average above 1.5 on 2 cores) are
+flagged in their section and are inflated.
 """
 
 
