@@ -202,13 +202,17 @@ def plot_sweep(
         ys = [y_value(series, r) for r in results]
         axis = right if series.key == "memory" else left
         slope = common.loglog_slope(xs, ys)
-        axis.loglog(xs, ys, "o-", label=f"{series.label} (slope {slope:.2f}, expected {series.expected})")
+        shown = [(x, y) for x, y in zip(xs, ys) if y > 0]  # a log axis has no place for a zero rise
+        if shown:
+            label = f"{series.label} (slope {slope:.2f}, expected {series.expected})"
+            axis.loglog(*zip(*shown), "o-", label=label)
     left.set_ylabel("seconds per step")
     right.set_ylabel("peak RSS above imports (MiB)")
     for axis in (left, right):
         axis.set_xlabel(sweep.axis)
         axis.grid(True, which="both", alpha=0.3)
-        axis.legend(fontsize=7)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=7)
     figure.suptitle(f"CrIBo step scaling: {sweep.name} (centre: {centre.describe()})", fontsize=9)
     figure.tight_layout()
     name = f"scaling_{sweep.name}.png"
