@@ -12,8 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import CHECKPOINT, assert_state_equal
-from cribo import config as config_lib
+from conftest import CHECKPOINT, assert_state_equal, tiny_config
 from cribo.config import TrainConfig
 from cribo.eval import NNEvalOptions, run_nn
 from cribo.hub import load_backbone, load_cribo_checkpoint
@@ -24,31 +23,8 @@ from cribo.train import apply_init, build_trainer, train
 def post_config(output_dir: Path, init: str, **extra: Any) -> TrainConfig:
     """A seconds-long post-training run shaped like the reference checkpoint (12-block ViT-Tiny/16, its heads),
     on 32-px views of the built-in scenes, 4 steps per epoch."""
-    overrides: dict[str, Any] = {
-        "init": init,
-        "arch": "vit_tiny",
-        "patch_size": 16,
-        "out_dim": 1024,
-        "out_dim_c": 1024,
-        "image_size": 32,
-        "scenes_num_images": 16,
-        "scenes_image_size": 48,
-        "num_workers": 0,
-        "n_tokens": 4,
-        "queue_size": 8,
-        "epochs": 2,
-        "batch_size_per_gpu": 4,
-        "warmup_epochs": 1,
-        "warmup_teacher_temp_epochs": 1,
-        "device": "cpu",
-        "precision": "fp32",
-        "log_every": 1,
-        "checkpoint_every": 0,
-        "saveckp_freq": 0,
-        "output_dir": str(output_dir),
-    }
-    overrides.update(extra)
-    return config_lib.resolve(overrides=overrides)
+    shape = {"patch_size": 16, "depth": 0, "out_dim": 1024, "out_dim_c": 1024, "queue_size": 8}
+    return tiny_config(output_dir, init=init, **{**shape, **extra})
 
 
 def test_post_training_starts_from_exactly_the_weights(reference: Path, tmp_path: Path) -> None:
