@@ -274,7 +274,7 @@ class CueLayout:
     objects_per_image: tuple[int, int]
     object_size: tuple[float, float]  # outer radius as a fraction of the image side
     max_occlusion: float
-    palette_size: int = 0  # pattern colours (texture cue): 0 uniform random, n the first n of PALETTE
+    palette_size: int = 0  # object colours (texture and silhouette cues): 0 uniform random, n the first n of PALETTE
     colour_jitter: float = 0.0  # per-instance photometric variation of the pattern colours (texture cue), 0..1
     period_px: tuple[float, float] = PATTERN_PERIOD_PX  # pattern period range at REFERENCE_SIZE (texture cue)
     plain_background: bool = False  # texture cue: every background one grey (PLAIN_BACKGROUND) instead of random
@@ -434,9 +434,9 @@ class SyntheticScenes:
         num_images: dataset length (>= 0); images are generated on access.
         image_size: side of the square images in pixels (>= 16).
         seed: base seed (>= 0).
-        class_cue: what defines an object's class: ``"texture"`` (its surface pattern, ``PATTERNS``) or
-            ``"shape"`` (its outline, ``SHAPES``); see the module docstring.
-        num_object_classes: number of classes, the first ones of ``PATTERNS`` or ``SHAPES``.
+        class_cue: what defines an object's class: ``"shape"`` (its outline, ``SHAPES``), ``"texture"`` (its
+            surface pattern, ``PATTERNS``) or ``"silhouette"`` (its outline, filled flat); see the module docstring.
+        num_object_classes: number of classes, the first ones of ``PATTERNS`` (texture) or ``SHAPES``.
         objects_per_image: inclusive range of objects attempted per image (None: the cue's default).
         object_size: range of the object outer radius as a fraction of ``image_size`` (None: the cue's default).
         textures: ``"shape"`` cue: texture family used for both objects and background (subset of ``TEXTURES``);
@@ -444,8 +444,13 @@ class SyntheticScenes:
         max_occlusion: largest fraction of an object's area that later objects may cover (0..1; None: the
             cue's default).
         pixel_noise: standard deviation of Gaussian noise added to every pixel (0..255 scale).
-        palette_size: ``"texture"`` cue: the patterns' two colours come from the first n colours of ``PALETTE``
-            (2..len(PALETTE)), or are uniform random with 0 (None: the cue's default).
+        palette_size: ``"texture"`` and ``"silhouette"`` cues: the objects' colours come from the first n colours
+            of ``PALETTE`` (1..len(PALETTE); 1 paints every object one colour), or are uniform random with 0
+            (None: the cue's default).
+        colour_jitter: per-instance variation of the palette colours, 0..1 (None: the cue's default).
+        period_px: ``"texture"`` cue: range of the pattern period in pixels at ``REFERENCE_SIZE`` (None: the
+            cue's default).
+        plain_background: ``"texture"`` cue: one grey background for every image (None: the cue's default).
     """
 
     def __init__(
