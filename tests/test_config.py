@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -55,6 +56,18 @@ def test_every_shipped_preset_resolves() -> None:
     assert "tiny-cpu" in names
     for name in names:
         config_lib.resolve(preset=name)
+
+
+def test_a_preset_builds_on_its_base(monkeypatch: pytest.MonkeyPatch) -> None:
+    base, long = config_lib.resolve(preset="tiny-cpu"), config_lib.resolve(preset="tiny-cpu-long")
+    assert long.optim.epochs == 2 * base.optim.epochs and long.run.output_dir != base.run.output_dir
+    assert dataclasses.replace(long, optim=base.optim, run=base.run) == base  # nothing else differs
+    shipped = config_lib.load_preset
+    loops = {"a": {"preset": "b"}, "b": {"preset": "a"}}
+    monkeypatch.setattr(config_lib, "preset_names", lambda: ["a", "b"])
+    monkeypatch.setattr(config_lib, "load_preset", lambda name: loops.get(name) or shipped(name))
+    with pytest.raises(ValueError, match="builds on itself"):
+        config_lib.resolve(preset="a")
 
 
 def test_unknown_preset_and_keys_are_errors() -> None:

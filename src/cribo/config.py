@@ -1,8 +1,9 @@
 """Typed training configuration: defaults, shipped presets, the authors' args JSON, CLI overrides.
 
-Order of precedence (lowest first): dataclass defaults -> ``--preset NAME`` (YAML deltas in ``cribo/configs``)
--> ``--config FILE`` (YAML, same shape) -> ``--args-json FILE`` (the JSON published with the authors'
-checkpoints) -> individual flags (``--arch vit_tiny``) or ``--set section.field=value``.
+Order of precedence (lowest first): dataclass defaults -> ``--preset NAME`` (YAML deltas in ``cribo/configs``; a
+preset whose YAML says ``preset: BASE`` applies BASE first) -> ``--config FILE`` (YAML, same shape) ->
+``--args-json FILE`` (the JSON published with the authors' checkpoints) -> individual flags (``--arch vit_tiny``)
+or ``--set section.field=value``.
 
 Field names are the flags of the authors' ``main_cribo.py`` wherever the concept is the same (DESIGN.md §4), and
 every field name is unique across sections, so ``--<field>`` needs no section prefix. Defaults are the authors'
@@ -234,13 +235,27 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
 
 
 def load_preset(name: str) -> dict[str, Any]:
-    """The YAML deltas of a shipped preset."""
+    """The YAML deltas of a shipped preset (its ``preset:`` key, if any, names the preset it builds on)."""
     names = preset_names()
     if name not in names:
         raise ValueError(f"unknown preset {name!r}; shipped presets: {names}")
     resource = resources.files("cribo") / "configs" / f"{name}.yaml"
     data = yaml.safe_load(resource.read_text()) or {}
     return data
+
+
+def preset_layers(name: str) -> list[tuple[str, dict[str, Any]]]:
+    """``(name, deltas)`` of a preset and of the presets it builds on (``preset: BASE``), the base first."""
+    layers: list[tuple[str, dict[str, Any]]] = []
+    while True:
+        if any(name == seen for seen, _ in layers):
+            raise ValueError(f"preset {name!r} builds on itself ({' -> '.join(n for n, _ in reversed(layers))})")
+        deltas = dict(load_preset(name))
+        base = deltas.pop("preset", None)
+        layers.append((name, deltas))
+        if base is None:
+            return layers[::-1]
+        name = str(base)
 
 
 # The authors' args JSON: keys that map 1:1 onto our fields are applied; these are known but have no effect.
@@ -318,8 +333,8 @@ def resolve(
 ) -> TrainConfig:
     """Build the final configuration from its layers (see the module docstring)."""
     config = TrainConfig()
-    if preset:
-        config = apply_overrides(config, load_preset(preset), f"preset {preset!r}")
+    for name, deltas in preset_layers(preset) if preset else []:
+        config = apply_overrides(config, deltas, f"preset {name!r}")
     if config_file:
         config = apply_overrides(config, load_yaml(config_file), f"--config {config_file}")
     if args_json:
