@@ -469,7 +469,8 @@ def write_report(
         LIMITS,
         qc.noise_note(info),
     ]
-    title = "Quality: loss-term ablation on the built-in scenes" + (" (quick smoke run)" if args.quick else "")
+    title = "Quality: loss-term ablation on the built-in scenes"
+    title += " (quick smoke run)" if args.quick else f" ({args.steps} steps)" if args.steps else ""
     command = common.command_line(SCRIPT, argv)
     return common.write_section(folder, args.name, title, command, info, [block for block in body if block])
 

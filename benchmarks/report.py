@@ -22,7 +22,7 @@ RESULTS_DIR = BENCH_DIR / "results"
 OUTPUT = REPO_ROOT / "BENCHMARKS.md"
 
 SPEED_SECTIONS: tuple[str, ...] = ("bench_step", "bench_parts", "bench_scaling", "bench_gpu")
-QUALITY_SECTIONS: tuple[str, ...] = ("regression", "ablation", "ablation_search", "scenes")
+QUALITY_SECTIONS: tuple[str, ...] = ("regression", "ablation", "ablation_1536", "ablation_search", "scenes")
 ORDER: tuple[str, ...] = SPEED_SECTIONS + QUALITY_SECTIONS
 # A markdown link or image whose target is a bare relative file name (no scheme, no folder, no anchor).
 _LOCAL_LINK = re.compile(r"(!?\[[^\]]*\]\()([^)/:#\s]+)(\))")
