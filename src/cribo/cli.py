@@ -116,11 +116,10 @@ def command_demo(args: argparse.Namespace) -> int:
     from cribo import config as config_lib
     from cribo import demo
 
+    # The run folder is the preset's own (tiny-cpu: runs/demo), so a finished run is never resumed under another
+    # preset's schedule.
     overrides = collect_overrides(args)
-    preset = args.preset or demo.DEMO_PRESET
-    # Each preset its own folder: a finished run of one is never resumed under another's schedule.
-    overrides.setdefault("output_dir", "runs/demo" if preset == demo.DEMO_PRESET else f"runs/demo-{preset}")
-    cfg = config_lib.resolve(preset, args.config, args.args_json, overrides)
+    cfg = config_lib.resolve(args.preset or demo.DEMO_PRESET, args.config, args.args_json, overrides)
     print(
         f"cribo demo: pretraining {cfg.model.arch} (patch {cfg.model.patch_size}, depth "
         f"{cfg.model.depth or 'full'}) on the built-in synthetic scenes for {cfg.optim.epochs} epochs on "
